@@ -1,0 +1,65 @@
+"""The ``d3ip`` command line: a thin Typer skin over the library.
+
+Each command lives in its own module and imports heavy libraries (torch, nibabel,
+pydicom) inside its body, so ``d3ip --help`` answers instantly.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from d3ip_cli import __version__
+from d3ip_cli.cli import _common
+
+app = typer.Typer(
+    name="d3ip",
+    help="Reconstruct undersampled 3D CT and MRI volumes with a phantom-trained diffusion prior "
+    "adapted to each scan at test time (D3IP).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"d3ip {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True,
+                                                    help="Print the version and exit.")] = None,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks of failures.")] = False,
+) -> None:
+    """d3ip: diffusion-prior reconstruction for few-view/limited-angle CT and accelerated MRI."""
+    if debug:
+        _common.STATE["debug"] = True
+
+
+def _register() -> None:
+    from d3ip_cli.cli import (  # noqa: F401 - modules register their commands on import
+        bench,
+        convert,
+        info,
+        metrics,
+        operators,
+        pretrain,
+        recon,
+        simulate,
+    )
+
+    for module in (info, convert, simulate, recon, pretrain, bench, operators, metrics):
+        module.register(app)
+
+
+_register()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point."""
+    app(args=argv, prog_name="d3ip")

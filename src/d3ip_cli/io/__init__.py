@@ -1,0 +1,1 @@
+"""Readers and writers: DICOM, NIfTI, NumPy volumes, measurement files, reports."""

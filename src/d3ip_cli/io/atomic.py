@@ -1,0 +1,102 @@
+"""Atomic, non-clobbering writes.
+
+Every writer goes through :func:`atomic_output`: the file or directory is built under
+a hidden temporary name beside the target and renamed into place only when complete,
+so a killed write never leaves something that looks finished. An existing target is
+refused unless ``overwrite`` is true.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+from d3ip_cli.core.errors import OutputError
+
+PARTIAL_PREFIX = ".d3ip-partial-"
+
+
+def check_output(path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Fail early (exit 4) when ``path`` exists without ``overwrite`` or its folder is unwritable."""
+    p = Path(path)
+    if p.exists() and not overwrite:
+        raise OutputError(f"output {p} exists (use --overwrite to replace it)")
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.exists():
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"cannot create output folder {parent}: {exc.strerror or exc}") from None
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"output folder {parent} is not writable")
+    return p
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike, overwrite: bool = False, directory: bool = False) -> Iterator[Path]:
+    """Yield a temporary path to write; move it onto ``path`` when the block succeeds.
+
+    With ``directory=True`` the temporary path is an (empty, created) directory.
+    On any exception the temporary file or directory is removed and nothing is left.
+    """
+    target = check_output(path, overwrite)
+    tmp = target.parent / f"{PARTIAL_PREFIX}{target.name}-{uuid.uuid4().hex[:8]}"
+    try:
+        if directory:
+            tmp.mkdir()
+        yield tmp
+        if target.exists():
+            if not overwrite:
+                raise OutputError(f"output {target} appeared while writing (use --overwrite)")
+            old = target.parent / f"{PARTIAL_PREFIX}old-{target.name}-{uuid.uuid4().hex[:8]}"
+            os.replace(target, old)
+            os.replace(tmp, target)
+            _remove(old)
+        else:
+            os.replace(tmp, target)
+    except OSError as exc:
+        _remove(tmp)
+        raise OutputError(f"cannot write {target}: {exc.strerror or exc}") from None
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def _remove(p: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink()
+
+
+def write_json(path: str | os.PathLike, doc: Any, overwrite: bool = True) -> Path:
+    """Write ``doc`` as indented JSON atomically."""
+    with atomic_output(path, overwrite=overwrite) as tmp:
+        tmp.write_text(json.dumps(doc, indent=2, default=_json_default) + "\n")
+    return Path(path)
+
+
+def _json_default(obj: Any) -> Any:
+    import numpy as np
+
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating,)):
+        return float(obj)
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    return str(obj)
+
+
+def sidecar_path(output: str | os.PathLike) -> Path:
+    """``scan.nii.gz`` -> ``scan.nii.gz.json``; ``series_dir`` -> ``series_dir.json``."""
+    p = Path(output)
+    return p.parent / (p.name.rstrip("/") + ".json")
