@@ -1,0 +1,126 @@
+"""pretrain-phantom: one process, exact resume, checkpoint round trip, torchrun DDP, bad input."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from d3ip_cli.prior import checkpoint as ckpt
+from d3ip_cli.prior import pretrain as pt
+
+
+def _weights(path):
+    return {k: v for k, v in load_file(str(pt.state_path(path))).items() if k.startswith(("model.", "ema."))}
+
+
+def test_tiny_run_and_checkpoint_round_trip(cli, tmp_path):
+    out = tmp_path / "p.safetensors"
+    r = cli(["pretrain-phantom", "-o", out, "--preset", "tiny", "--steps", "6", "--seed", "3"])
+    assert r.exit_code == 0, r.output
+    model, meta = ckpt.load_prior(out)
+    assert meta["steps"] == 6 and meta["images_seen"] == 6 * 8
+    assert meta["data"]["real_images"] is False and meta["data"]["seed"] == 3
+    assert meta["schedule"]["beta_end"] == 0.02 and meta["prediction"] == "eps"
+    assert meta["architecture"]["model_channels"] == 16
+    assert len(meta["sha256"]) == 64
+    assert (tmp_path / "p.safetensors.json").exists() and (tmp_path / "p.loss.png").exists()
+    assert (tmp_path / "p.samples.png").exists()
+    # the EMA weights in the prior file are those of the state file
+    state = load_file(str(pt.state_path(out)))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[f"ema.{k}"])
+
+
+def test_resume_is_exact(cli, tmp_path):
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    assert cli(["pretrain-phantom", "-o", a, "--preset", "tiny", "--steps", "4"]).exit_code == 0
+    assert cli(["pretrain-phantom", "-o", a, "--preset", "tiny", "--steps", "8", "--resume"]).exit_code == 0
+    assert cli(["pretrain-phantom", "-o", b, "--preset", "tiny", "--steps", "8"]).exit_code == 0
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_resume_with_other_settings_refused(cli, tmp_path):
+    a = tmp_path / "a.safetensors"
+    assert cli(["pretrain-phantom", "-o", a, "--preset", "tiny", "--steps", "2"]).exit_code == 0
+    r = cli(["pretrain-phantom", "-o", a, "--preset", "tiny", "--steps", "4", "--resume", "--seed", "9"])
+    assert r.exit_code == 3 and "different settings" in r.output
+
+
+def test_pickle_prior_refused(tmp_path):
+    bad = tmp_path / "model.safetensors"
+    torch.save({"w": torch.zeros(3)}, bad)
+    with pytest.raises(Exception, match="pickle"):
+        ckpt.load_prior(bad)
+
+
+def test_corrupt_prior_refused(tmp_path):
+    bad = tmp_path / "c.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
+    with pytest.raises(Exception, match="safetensors"):
+        ckpt.load_prior(bad)
+
+
+@pytest.mark.parametrize(
+    "args, code, text",
+    [
+        (["--steps", "-3"], 2, "steps"),
+        (["--resolution", "33"], 2, "divisible"),
+        (["--preset", "huge"], 2, "preset"),
+    ],
+)
+def test_bad_options(cli, tmp_path, args, code, text):
+    out = tmp_path / "p.safetensors"
+    r = cli(["pretrain-phantom", "-o", out, "--preset", "tiny", *args])
+    assert r.exit_code == code, r.output
+    assert text in r.output
+    assert not out.exists()
+
+
+def test_unwritable_output(cli, tmp_path):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("x")
+    r = cli(["pretrain-phantom", "-o", blocker / "p.safetensors", "--preset", "tiny"])
+    assert r.exit_code == 4, r.output
+
+
+def test_existing_output_not_overwritten(cli, tmp_path):
+    out = tmp_path / "p.safetensors"
+    out.write_bytes(b"keep")
+    r = cli(["pretrain-phantom", "-o", out, "--preset", "tiny"])
+    assert r.exit_code == 4 and out.read_bytes() == b"keep"
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_identical_parameters(tmp_path):
+    torchrun = Path(sys.executable).parent / "torchrun"
+    assert torchrun.exists()
+    out = tmp_path / "ddp.safetensors"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [str(torchrun), "--nproc-per-node", "2", "--master-port", "29531", "-m", "d3ip_cli", "pretrain-phantom",
+         "-o", str(out), "--preset", "tiny", "--steps", "4", "--device", "cpu", "--json"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    meta = ckpt.read_metadata(out)
+    assert meta["training"]["world_size"] == 2 and meta["images_seen"] == 4 * 8 * 2
+    # each rank dumps a parameter checksum when D3IP_DUMP_PARAMS is set; compare via a second run
+    env["D3IP_DUMP_PARAMS"] = str(tmp_path / "rank{rank}.pt.safetensors")
+    out2 = tmp_path / "ddp2.safetensors"
+    proc = subprocess.run(
+        [str(torchrun), "--nproc-per-node", "2", "--master-port", "29532", "-m", "d3ip_cli", "pretrain-phantom",
+         "-o", str(out2), "--preset", "tiny", "--steps", "3", "--device", "cpu"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r0 = load_file(str(tmp_path / "rank0.pt.safetensors"))
+    r1 = load_file(str(tmp_path / "rank1.pt.safetensors"))
+    assert r0.keys() == r1.keys() and len(r0) > 10
+    assert all(torch.equal(r0[k], r1[k]) for k in r0)
