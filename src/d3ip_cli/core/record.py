@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import platform
 import resource
@@ -42,6 +43,18 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def _torch_version() -> str | None:
+    """torch's version without importing it (seconds) when no one has yet."""
+    if "torch" in sys.modules:
+        return str(sys.modules["torch"].__version__)
+    try:
+        from importlib.metadata import version
+
+        return version("torch")
+    except Exception:  # noqa: BLE001 - not installed / broken metadata
+        return None
+
+
 class RunRecord:
     """Accumulates the run record of one command.
 
@@ -50,8 +63,6 @@ class RunRecord:
     """
 
     def __init__(self, command: str, argv: list[str] | None = None) -> None:
-        import torch
-
         self._t0 = time.perf_counter()
         self.doc: dict[str, Any] = {
             "tool": "d3ip",
@@ -59,7 +70,7 @@ class RunRecord:
             "command": command,
             "argv": list(sys.argv if argv is None else argv),
             "python": platform.python_version(),
-            "torch": torch.__version__,
+            "torch": _torch_version(),
             "host": platform.node(),
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "method": None,
@@ -100,6 +111,12 @@ class RunRecord:
         self.doc["outputs"].append(entry)
         if role == "output":
             self.doc["output"] = str(p.resolve())
+            if p.name.endswith(".npy") and "volume" not in self.doc:
+                # Keep the .npy geometry that the writer put in the sidecar this record replaces.
+                with contextlib.suppress(OSError, ValueError, AttributeError):
+                    volume = json.loads((p.parent / (p.name + ".json")).read_text()).get("volume")
+                    if isinstance(volume, dict):
+                        self.doc["volume"] = volume
 
     def warn(self, message: str) -> None:
         self.doc["warnings"].append(message)

@@ -1,0 +1,111 @@
+"""NumPy ``.npy`` <-> :class:`~d3ip_cli.core.types.Volume`.
+
+A ``.npy`` file holds only the array ``[Z, H, W]`` (a 2D array is one slice; a 4D
+array needs ``frame``). The geometry lives in the JSON sidecar ``X.npy.json`` (the
+same file as the run record, :func:`d3ip_cli.io.atomic.sidecar_path`) under the key
+``"volume"``::
+
+    {"volume": {"shape": [Z, H, W], "affine": [[...4x4 RAS+ mm...]], "meta": {...}}, ...}
+
+The writer creates that sidecar; a command that then writes its run record to the same
+path keeps the key (:meth:`d3ip_cli.core.record.RunRecord.add_output` copies it), so
+``d3ip convert X.npy -o Y.nii.gz`` round trips. A bare ``.npy`` without the sidecar is
+read with an identity affine (1 mm voxels) and a note in ``meta["problems"]``.
+Arrays are loaded with ``allow_pickle=False``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from d3ip_cli import __version__
+from d3ip_cli.core.errors import InputDataError, UsageError
+from d3ip_cli.core.types import Volume
+from d3ip_cli.io.atomic import _remove, atomic_output, sidecar_path, write_json
+
+_META_KEYS = ("modality", "units", "series_description", "series_uid", "dicom", "nifti", "description",
+              "source_sha256")
+
+
+def read_npy(path: str | os.PathLike, *, frame: int | None = None) -> Volume:
+    """Read ``X.npy`` (and its ``X.npy.json`` geometry when present)."""
+    from d3ip_cli.io.nifti import _file_sha256, _first_line
+
+    p = Path(path)
+    try:
+        arr = np.load(p, allow_pickle=False, mmap_mode=None)
+    except Exception as exc:  # noqa: BLE001 - ValueError/OSError/EOFError for bad files
+        raise InputDataError(f"{p}: not a readable .npy array ({type(exc).__name__}: {_first_line(exc)})") from None
+    if arr.dtype.kind not in "biuf":
+        raise InputDataError(f"{p}: {arr.dtype} arrays are not supported (expected real numbers)")
+    if arr.ndim == 4:
+        if frame is None:
+            raise UsageError(f"{p} is 4D with {arr.shape[0]} frames on axis 0: choose one with --frame N")
+        if not 0 <= frame < arr.shape[0]:
+            raise UsageError(f"--frame {frame}: {p} has frames 0..{arr.shape[0] - 1}")
+        arr = arr[frame]
+    elif frame not in (None, 0):
+        raise UsageError(f"--frame {frame}: {p} is not 4D")
+    if arr.ndim == 2:
+        arr = arr[None]
+    if arr.ndim != 3:
+        raise InputDataError(f"{p}: expected a [Z, H, W] array, got shape {arr.shape}")
+    problems: list[str] = []
+    meta: dict[str, Any] = {}
+    affine = np.eye(4)
+    side = sidecar_path(p)
+    geometry = None
+    if side.is_file():
+        with contextlib.suppress(OSError, ValueError):
+            geometry = json.loads(side.read_text()).get("volume")
+    if isinstance(geometry, dict) and "affine" in geometry:
+        try:
+            affine = np.asarray(geometry["affine"], dtype=np.float64).reshape(4, 4)
+        except (TypeError, ValueError):
+            raise InputDataError(f"{side}: the 'volume.affine' entry is not a 4x4 matrix") from None
+        shape = geometry.get("shape")
+        if shape is not None and list(shape) != list(arr.shape):
+            problems.append(f"sidecar {side.name} describes shape {shape}, array is {list(arr.shape)}: affine kept")
+        saved = geometry.get("meta") or {}
+        meta.update({k: saved[k] for k in _META_KEYS if k in saved})
+    else:
+        problems.append(f"no geometry sidecar ({side.name}): identity affine "
+                        "(1 mm voxels, axes z->R, h->A, w->S) assumed")
+    meta["problems"] = problems
+    meta.setdefault("source_sha256", _file_sha256(p))
+    return Volume(np.ascontiguousarray(arr, dtype=np.float32), affine, meta)
+
+
+def geometry_doc(volume: Volume, description: str | None = None) -> dict[str, Any]:
+    """The ``"volume"`` entry of the sidecar: shape, affine, spacing and carried meta."""
+    from d3ip_cli.io.volumes import volume_summary
+
+    doc = volume_summary(volume, with_stats=False)
+    meta = {k: volume.meta[k] for k in _META_KEYS if k in volume.meta}
+    if description:
+        meta["description"] = description
+    doc["meta"] = meta
+    return doc
+
+
+def write_npy(volume: Volume, path: str | os.PathLike, *, overwrite: bool = False,
+              description: str | None = None) -> Path:
+    """Write ``X.npy`` (float32 ``[Z, H, W]``) and its geometry sidecar ``X.npy.json``."""
+    p = Path(path)
+    data = np.ascontiguousarray(volume.data, dtype=np.float32)
+    with atomic_output(p, overwrite=overwrite) as tmp:
+        with open(tmp, "wb") as fh:
+            np.save(fh, data, allow_pickle=False)
+    try:
+        write_json(sidecar_path(p), {"tool": "d3ip", "version": __version__,
+                                     "volume": geometry_doc(volume, description)}, overwrite=True)
+    except BaseException:
+        _remove(p)
+        raise
+    return p
