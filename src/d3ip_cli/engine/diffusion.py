@@ -1,0 +1,437 @@
+r"""Diffusion reconstructions: ``dds``, ``ddip``, ``d3ip``, ``d3ip-mbir``, ``d3ip-meta``.
+
+Every method is the one sampler (:func:`~d3ip_cli.engine.samplers.ddim_sample`) with
+injected pieces, never a copied loop:
+
+=============  =================================  ===========================================
+method         data consistency (``dc``)          adaptation (``adapt`` hook)
+=============  =================================  ===========================================
+``dds``        CG on the normal equations         none
+``d3ip``       CG                                 one LoRA adapter shared by all slices,
+                                                  random minibatches of M slices
+``d3ip-mbir``  ADMM with TV along z               shared adapter, contiguous minibatches
+``ddip``       CG                                 a fresh adapter per slice (sampler run
+                                                  slice by slice): the slow 2D baseline
+``d3ip-meta``  CG                                 Reptile-learned adapter initialisation,
+                                                  then per-slice fine-tuning
+=============  =================================  ===========================================
+
+Adaptation at step :math:`t` (for :math:`t_{min} \le t \le t_{max}`): a fresh AdamW takes
+K steps on
+
+.. math:: \mathcal L(\theta) = \tfrac{1}{|B|}\,\| A_B\,\mathrm{CG}_1(\hat x_0(x_t^B;\theta)) - y_B \|^2,
+
+where :math:`B` is a random minibatch of slices and :math:`\mathrm{CG}_1` one
+differentiable CG step. Images are in the engine's normalised units (``[0, 1]`` for the
+prior); the network sees ``2x - 1``. Complex images (MRI) are handled as separate real
+and imaginary images for the real-valued prior.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import time
+from typing import Any, Callable
+
+import torch
+
+from d3ip_cli.core.errors import UsageError
+from d3ip_cli.engine import consistency, lora
+from d3ip_cli.engine.samplers import ddim_sample, diffuse
+from d3ip_cli.physics.base import LinearOperator
+from d3ip_cli.physics.solvers import cg
+from d3ip_cli.prior import schedule
+
+DIFFUSION_METHODS = ("dds", "ddip", "d3ip", "d3ip-mbir", "d3ip-meta")
+
+
+@dataclasses.dataclass
+class DiffusionSettings:
+    """Sampler, data-consistency and adaptation settings (see :data:`PRESETS`)."""
+
+    steps: int = 50
+    eta: float = 0.85
+    dc: str = "cg"  # cg | prox | admm-tv-z
+    cg_iter: int = 5
+    gamma: float = 1.0
+    rho: float = 0.5
+    lam: float = 0.01
+    admm_iter: int = 5
+    admm_cg_iter: int = 5
+    lora_rank: int = 4
+    train_bias: bool = False
+    lr: float = 1e-3
+    adapt_iters: int = 10
+    adapt_batch: int = 3
+    adapt_t_min: int = 20
+    adapt_t_max: int = 980
+    contiguous: bool = False
+    chunk: int = 16
+    meta_outer: int = 20
+    meta_inner: int = 3
+    meta_lr: float = 0.5
+    finetune_iters: int | None = None
+    clip: float | None = 2.0
+
+    def validate(self) -> "DiffusionSettings":
+        if not 1 <= self.steps <= 1000:
+            raise UsageError(f"--steps must be in [1, 1000], got {self.steps}")
+        if not 0.0 <= self.eta <= 1.0:
+            raise UsageError(f"--eta must be in [0, 1], got {self.eta}")
+        if self.dc not in ("cg", "prox", "admm-tv-z"):
+            raise UsageError(f"unknown data consistency {self.dc!r}")
+        if self.adapt_iters < 0 or self.adapt_batch < 1 or self.lora_rank < 1:
+            raise UsageError("adaptation settings must be positive (iterations >= 0, batch >= 1, rank >= 1)")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # a CPU user's settings: few steps, short adaptation
+    "fast": {"steps": 20, "adapt_iters": 3, "adapt_batch": 2, "cg_iter": 5, "meta_outer": 8, "meta_inner": 2},
+    # the paper's settings (DDS/D3IP): 50 steps, K = 10, M = 3, 5 CG iterations
+    "standard": {"steps": 50, "adapt_iters": 10, "adapt_batch": 3, "cg_iter": 5},
+    # the paper's settings plus the reference's bias training (GPU)
+    "paper": {"steps": 50, "adapt_iters": 10, "adapt_batch": 3, "cg_iter": 5, "train_bias": True},
+}
+
+METHOD_OVERRIDES: dict[str, dict[str, Any]] = {
+    "dds": {"adapt_iters": 0},
+    "d3ip-mbir": {"dc": "admm-tv-z", "contiguous": True},
+}
+
+
+def settings_for(method: str, preset: str = "fast", task_modality: str = "CT", **overrides: Any) -> DiffusionSettings:
+    """Resolve preset -> method defaults -> modality defaults -> explicit overrides."""
+    if preset not in PRESETS:
+        raise UsageError(f"--preset {preset!r}: expected one of {', '.join(PRESETS)}")
+    if method not in DIFFUSION_METHODS:
+        raise UsageError(f"{method!r} is not a diffusion method ({', '.join(DIFFUSION_METHODS)})")
+    values: dict[str, Any] = dict(PRESETS[preset])
+    if task_modality == "MR":
+        values["dc"] = "prox"
+    values.update(METHOD_OVERRIDES.get(method, {}))
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return DiffusionSettings(**values).validate()
+
+
+# ---------------------------------------------------------------------------------------
+# image <-> network state
+# ---------------------------------------------------------------------------------------
+
+
+class StateMap:
+    """Maps normalised images ``[Z, H, W]`` (real or complex) to the network's ``[N, 1, H, W]``.
+
+    Real images: ``N = Z``; complex images: ``N = 2Z`` (real parts, then imaginary parts).
+    """
+
+    def __init__(self, n_slices: int, complex_: bool) -> None:
+        self.z = n_slices
+        self.complex = complex_
+
+    def rows(self, idx: torch.Tensor) -> torch.Tensor:
+        return torch.cat([idx, idx + self.z]) if self.complex else idx
+
+    def to_state(self, img: torch.Tensor) -> torch.Tensor:
+        parts = torch.cat([img.real, img.imag], 0) if self.complex else img
+        return (2 * parts - 1).unsqueeze(1)
+
+    def to_image(self, state: torch.Tensor) -> torch.Tensor:
+        v = (state[:, 0] + 1) / 2
+        if self.complex:
+            n = v.shape[0] // 2
+            return torch.complex(v[:n], v[n:])
+        return v
+
+
+def make_eps_model(model: torch.nn.Module, chunk: int) -> Callable[[torch.Tensor, int], torch.Tensor]:
+    """``eps(x [N,1,H,W], t)`` evaluated in slice chunks (memory grows with the chunk, not N)."""
+
+    def eps(x: torch.Tensor, t: int) -> torch.Tensor:
+        out = []
+        for s in range(0, x.shape[0], chunk):
+            xs = x[s:s + chunk]
+            out.append(model(xs, torch.full((xs.shape[0],), t, device=x.device, dtype=torch.long)))
+        return torch.cat(out, 0)
+
+    return eps
+
+
+def make_dc(op: LinearOperator, y: torch.Tensor, smap: StateMap, s: DiffusionSettings) -> Callable:
+    """The data-consistency hook on network states, from the settings."""
+    if s.dc == "cg":
+        img_dc = consistency.cg_dc(op, y, s.cg_iter)
+    elif s.dc == "prox":
+        img_dc = consistency.prox_dc(op, y, s.gamma, s.cg_iter)
+    else:
+        img_dc = consistency.admm_tv_z_dc(op, y, rho=s.rho, lam=s.lam, n_admm=s.admm_iter, n_cg=s.admm_cg_iter)
+
+    def dc(x0: torch.Tensor, t: int) -> torch.Tensor:
+        if s.clip is not None:  # a poor ε̂ at large t can make x̂0 explode; keep it in a sane range
+            x0 = x0.clamp(-s.clip, s.clip)
+        return smap.to_state(img_dc(smap.to_image(x0)))
+
+    return dc
+
+
+# ---------------------------------------------------------------------------------------
+# adaptation
+# ---------------------------------------------------------------------------------------
+
+
+def _pick(pool: torch.Tensor, m: int, contiguous: bool, generator: torch.Generator) -> torch.Tensor:
+    n = pool.numel()
+    m = min(m, n)
+    if contiguous:
+        start = int(torch.randint(0, n - m + 1, (1,), generator=generator))
+        return pool[start:start + m]
+    return pool[torch.randperm(n, generator=generator)[:m]].sort().values
+
+
+def adaptation_loss(model: torch.nn.Module, op: LinearOperator, y: torch.Tensor, smap: StateMap, x: torch.Tensor,
+                    idx: torch.Tensor, t: int, abar: torch.Tensor) -> torch.Tensor:
+    r"""``‖A_B CG_1(x̂0(x_t^B; θ)) − y_B‖² / |B|`` for slices ``idx`` (differentiable in θ)."""
+    sub = op.select(idx.tolist())
+    yb = y[idx]
+    rows = smap.rows(idx)
+    xt = x[rows]
+    a = float(abar[t])
+    eps = model(xt, torch.full((xt.shape[0],), t, device=xt.device, dtype=torch.long))
+    x0 = (xt - (1 - a) ** 0.5 * eps) / a**0.5
+    part = StateMap(len(idx), smap.complex)
+    img = part.to_image(x0)
+    rhs = sub.A_adjoint(yb)
+    x1 = cg(sub.normal, rhs, x0=img.to(rhs.dtype) if rhs.is_complex() else img, n_iter=1)
+    r = sub.A(x1) - yb
+    return (r.abs() ** 2).sum() / len(idx)
+
+
+def make_adapt_hook(model: torch.nn.Module, params: list[torch.nn.Parameter], op: LinearOperator, y: torch.Tensor,
+                    smap: StateMap, s: DiffusionSettings, abar: torch.Tensor, generator: torch.Generator,
+                    pool: torch.Tensor, iters: int | None = None, stats: dict | None = None,
+                    sync: bool = False) -> Callable | None:
+    """The D3IP adaptation hook: K AdamW steps on random slice minibatches from ``pool``.
+
+    With ``sync`` (a shared adapter under torchrun) gradients are averaged across ranks.
+    """
+    from d3ip_cli.engine.distributed import average_gradients
+
+    k = s.adapt_iters if iters is None else iters
+    if k <= 0 or not params:
+        return None
+
+    def adapt(x: torch.Tensor, t: int) -> None:
+        if not s.adapt_t_min <= t <= s.adapt_t_max:
+            return
+        opt = torch.optim.AdamW(params, lr=s.lr)
+        with torch.enable_grad():
+            for _ in range(k):
+                idx = _pick(pool, s.adapt_batch, s.contiguous, generator)
+                loss = adaptation_loss(model, op, y, smap, x, idx, t, abar)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if sync:
+                    average_gradients(params)
+                opt.step()
+        if stats is not None:
+            stats["adapt_loss"] = float(loss.detach())
+            stats["adapt_steps"] = stats.get("adapt_steps", 0) + k
+            stats["nfe_adapt"] = stats.get("nfe_adapt", 0) + k * len(smap.rows(idx))
+
+    return adapt
+
+
+# ---------------------------------------------------------------------------------------
+# the methods
+# ---------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class DiffusionResult:
+    image: torch.Tensor
+    stats: dict[str, Any]
+    adapter: dict[str, torch.Tensor] | None
+
+
+def reconstruct(
+    method: str,
+    model: torch.nn.Module,
+    op: LinearOperator,
+    y: torch.Tensor,
+    x_init: torch.Tensor,
+    settings: DiffusionSettings,
+    *,
+    generator: torch.Generator,
+    progress: Callable[[dict], None] | None = None,
+    adapter: dict[str, torch.Tensor] | None = None,
+    checkpointer: Any | None = None,
+) -> DiffusionResult:
+    """Run a diffusion method on ``y = A x`` and return the image in normalised units.
+
+    Args:
+        method: one of :data:`DIFFUSION_METHODS`.
+        model: the prior's U-Net (a deep copy is adapted; the caller's stays untouched).
+        op: the physics operator over all ``Z`` slices.
+        y: measurements ``[op.out_shape]`` in normalised units.
+        x_init: the initial estimate ``A†y`` ``[Z, H, W]`` (normalised units).
+        settings: resolved :class:`DiffusionSettings`.
+        generator: the run's seeded generator (noise and minibatches).
+        progress: receives ``{"stage", "step", "steps", "adapt_loss", "residual", ...}``.
+        adapter: an initial adapter state (``--adapter``) for the LoRA methods.
+        checkpointer: a :class:`~d3ip_cli.engine.checkpointing.Checkpointer` (save every few
+            steps, resume, stop on signals), or ``None``.
+
+    Under ``torchrun`` each rank reconstructs its shard of slices; the shared adapter's
+    gradients are averaged across ranks; rank 0 receives the whole volume (others ``None``).
+    """
+    from d3ip_cli.engine import distributed as dist
+    from d3ip_cli.engine.checkpointing import rng_tensor, set_rng
+
+    if method not in DIFFUSION_METHODS:
+        raise UsageError(f"unknown diffusion method {method!r}")
+    s = settings
+    dev = x_init.device
+    rank, world_size = dist.world()
+    z_total = op.in_shape[0]
+    if world_size > 1:
+        sh = dist.shard(z_total, rank, world_size)
+        idx = list(range(sh.start, sh.stop))
+        op, y, x_init = op.select(idx), y[sh], x_init[sh]
+
+    net = copy.deepcopy(model).to(dev).eval()
+    params: list[torch.nn.Parameter] = []
+    if method != "dds":
+        params = lora.inject_lora(net, s.lora_rank, train_bias=s.train_bias, generator=generator)
+        if adapter is not None:
+            lora.load_adapter_state(net, adapter)
+    if world_size > 1:  # identical adapters everywhere, different noise per rank
+        generator.manual_seed(generator.initial_seed() + 7919 * (rank + 1))
+    shared = method in ("d3ip", "d3ip-mbir", "d3ip-meta")
+    init_state = lora.adapter_state(net) if params else None
+    abar = schedule.alphas_cumprod().to(dev)
+    ts = schedule.ddim_timesteps(s.steps)
+    z = op.in_shape[0]
+    smap = StateMap(z, x_init.is_complex())
+    stats: dict[str, Any] = {"nfe_sample": 0, "adapt_steps": 0, "nfe_adapt": 0}
+    eps_model = make_eps_model(net, s.chunk)
+    saved = checkpointer.load() if checkpointer is not None else None
+
+    def snapshot(extra: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = dict(extra, rng=rng_tensor(generator))
+        if params:
+            out.update({f"adapter.{k}": v for k, v in lora.adapter_state(net).items()})
+        return out
+
+    def restore(tensors: dict[str, torch.Tensor]) -> None:
+        set_rng(generator, tensors["rng"])
+        if params:
+            lora.load_adapter_state(net, {k[8:]: v for k, v in tensors.items() if k.startswith("adapter.")})
+
+    def run(sub_op: LinearOperator, y_sub: torch.Tensor, x0_sub: torch.Tensor, pool: torch.Tensor,
+            label: str, iters: int | None = None, resumable: bool = True) -> torch.Tensor:
+        sm = StateMap(sub_op.in_shape[0], smap.complex)
+        dc = make_dc(sub_op, y_sub, sm, s)
+        adapt = make_adapt_hook(net, params, sub_op, y_sub, sm, s, abar, generator, pool, iters, stats,
+                                sync=shared)
+        start = 0
+        if resumable and saved is not None and saved[1].get("stage") == "sample":
+            tensors, meta = saved
+            restore(tensors)
+            x = tensors["x"].to(dev)
+            start = int(meta["step"]) + 1
+            stats.update(meta.get("stats", {}))
+        else:
+            x = diffuse(sm.to_state(x0_sub), ts[0], abar, generator)
+        y_norm = float(torch.linalg.vector_norm(y_sub)) or 1.0
+
+        def callback(info: dict) -> None:
+            stats["nfe_sample"] += info["x"].shape[0]
+            if progress is not None:
+                res = float(torch.linalg.vector_norm(sub_op.A(sm.to_image(info["x0_dc"])) - y_sub)) / y_norm
+                progress({"stage": label, "step": info["i"] + 1, "steps": len(ts), "t": info["t"],
+                          "adapt_loss": stats.get("adapt_loss"), "residual": res})
+            if checkpointer is not None and resumable and info["i"] + 1 < len(ts):
+                state = snapshot({"x": info["x"]})
+                meta = {"stage": "sample", "step": info["i"], "stats": dict(stats)}
+                if (info["i"] + 1) % checkpointer.every == 0:
+                    checkpointer.save(state, meta)
+                checkpointer.check_stop(state, meta)
+
+        out = ddim_sample(eps_model, x, ts, abar, eta=s.eta, dc=dc, adapt=adapt, generator=generator,
+                          callback=callback, start=start)
+        return sm.to_image(out)
+
+    all_slices = torch.arange(z, device="cpu")
+    if method in ("dds", "d3ip", "d3ip-mbir"):
+        image = run(op, y, x_init, all_slices, method)
+    else:
+        done: list[torch.Tensor] = []
+        if saved is not None and saved[1].get("stage") == "slices":
+            tensors, meta = saved
+            set_rng(generator, tensors["rng"])
+            init_state = {k[5:]: v for k, v in tensors.items() if k.startswith("init.")}
+            done = list(tensors["done"].to(dev).unbind(0)) if "done" in tensors else []
+            stats.update(meta.get("stats", {}))
+        elif method == "d3ip-meta":
+            _reptile(net, params, op, y, x_init, smap, s, abar, generator, stats, progress)
+            init_state = lora.adapter_state(net)
+        iters = s.finetune_iters if (method == "d3ip-meta" and s.finetune_iters is not None) else None
+        for i in range(len(done), z):
+            lora.load_adapter_state(net, init_state)
+            done.append(run(op.select([i]), y[i:i + 1], x_init[i:i + 1], torch.arange(1),
+                            f"{method} slice {i + 1}/{z}", iters, resumable=False)[0])
+            if checkpointer is not None and i + 1 < z:
+                state = {"rng": rng_tensor(generator), "done": torch.stack(done, 0)}
+                state.update({f"init.{k}": v for k, v in init_state.items()})
+                meta = {"stage": "slices", "slice": i, "stats": dict(stats)}
+                if (i + 1) % checkpointer.every == 0:
+                    checkpointer.save(state, meta)
+                checkpointer.check_stop(state, meta)
+        image = torch.stack(done, 0)
+    adapter_out = lora.adapter_state(net) if (params and shared) else None
+    if world_size > 1:
+        image = dist.gather_slices(image, z_total)
+        for key in ("nfe_sample", "nfe_adapt"):
+            t = torch.tensor([float(stats.get(key, 0))])
+            import torch.distributed as tdist
+
+            tdist.all_reduce(t)
+            stats[key] = int(t)
+    return DiffusionResult(image, stats, adapter_out)
+
+
+def _reptile(net: torch.nn.Module, params: list[torch.nn.Parameter], op: LinearOperator, y: torch.Tensor,
+             x_init: torch.Tensor, smap: StateMap, s: DiffusionSettings, abar: torch.Tensor,
+             generator: torch.Generator, stats: dict, progress: Callable | None) -> None:
+    r"""Reptile (Nichol et al. 2018) over slices: :math:`\theta \leftarrow \theta + \epsilon(\theta'_i - \theta)`
+    where :math:`\theta'_i` is ``meta_inner`` AdamW steps of the adaptation loss on slice ``i`` at a random
+    noise level, starting from :math:`x_t` = the diffused initial estimate."""
+    from d3ip_cli.engine.distributed import average_gradients
+
+    z = op.in_shape[0]
+    x_state = smap.to_state(x_init)
+    for outer in range(s.meta_outer):
+        theta = [p.detach().clone() for p in params]
+        i = int(torch.randint(0, z, (1,), generator=generator))
+        t = int(torch.randint(s.adapt_t_min, s.adapt_t_max + 1, (1,), generator=generator))
+        xt = diffuse(x_state, t, abar, generator)
+        opt = torch.optim.AdamW(params, lr=s.lr)
+        with torch.enable_grad():
+            for _ in range(s.meta_inner):
+                loss = adaptation_loss(net, op, y, smap, xt, torch.tensor([i]), t, abar)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                average_gradients(params)
+                opt.step()
+        with torch.no_grad():
+            for p, p0 in zip(params, theta):
+                p.copy_(p0 + s.meta_lr * (p - p0))
+        stats["adapt_steps"] += s.meta_inner
+        if progress is not None:
+            progress({"stage": "d3ip-meta reptile", "step": outer + 1, "steps": s.meta_outer,
+                      "adapt_loss": float(loss.detach()), "residual": None})
