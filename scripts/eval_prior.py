@@ -1,0 +1,399 @@
+#!/usr/bin/env python
+"""Quality of a phantom prior file, tracked against images seen (issue 4's acceptance).
+
+Three measurements of a prior ``.safetensors`` file (DESIGN §5):
+
+1. **One-step denoising** on ``--n`` held-out phantoms (``phantoms.training_batch`` with the
+   prior's own recipe, whole ``--size`` images, seed ``--seed`` — distinct from the training
+   seed). For each ``t`` in ``--ts`` (default 200, 400, 600)::
+
+       x0' = 2 x0 - 1,   x_t = sqrt(abar_t) x0' + sqrt(1 - abar_t) eps
+       x̂0  = (x_t - sqrt(1 - abar_t) eps_hat(x_t, t)) / sqrt(abar_t)      (Tweedie / DDIM)
+
+   mapped back to ``[0, 1]`` and clipped; PSNR with data range 1 against ``x0``, averaged
+   over images.
+
+2. **TV baseline** on the same noisy inputs: ``skimage.restoration.denoise_tv_chambolle``
+   on ``y = (x_t / sqrt(abar_t) + 1) / 2`` (image units; noise std
+   ``sigma_t = sqrt(1 - abar_t) / sqrt(abar_t) / 2``), output clipped to ``[0, 1]``. Its weight
+   is tuned per ``t`` by a grid search (``sigma_t * 2**k``, k = -3 .. 7 in half steps) for
+   the best mean PSNR on *other* phantoms (``--tune-n`` from seed ``--tune-seed``), then
+   evaluated on the test phantoms. A tuned weight on the edge of the grid is flagged.
+
+3. **Unconditional samples** (only with ``--samples-png``): DDIM, ``--sample-steps`` (50)
+   steps, eta 0, ``--n-samples`` (16) images at ``--size``, as a PNG grid.
+
+Output: a plain-text table (or one JSON object with ``--json``); ``--csv PATH`` appends a
+row (training steps, images_seen, training wall_time_s, PSNR prior/TV per t, tuned TV
+weights, ...) creating the file with a header when missing; ``--plot PATH`` draws the
+prior's PSNR against images seen from that CSV (one line per t; TV as dashed horizontals).
+
+Usage::
+
+    python scripts/eval_prior.py [PRIOR] [--n 64] [--size 128] [--seed 10000] [--threads 2]
+        [--batch 16] [--csv quality.csv] [--plot quality.png] [--samples-png samples.png] [--json]
+
+    # the training run writes its prior while training: evaluate a copy
+    cp runs/prior_cpu/phantom_cpu.safetensors /tmp/p.safetensors
+    python scripts/eval_prior.py /tmp/p.safetensors --csv runs/prior_cpu/quality.csv \\
+        --plot runs/prior_cpu/quality.png --samples-png runs/prior_cpu/eval_samples.png
+
+``PRIOR`` defaults to the bundled prior (``d3ip_cli.prior.checkpoint.bundled_prior_path()``).
+Exit status: 0 on success, 2 for a missing/unreadable prior or bad arguments.
+Everything is seeded: the same prior file and arguments give the same numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as _dt
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+DEFAULT_TS = (200, 400, 600)
+# weight = sigma_t * 2**k, k in [-3, 7] by halves: measured optima on 128² phantoms are k ~ 0.5 / 3 / 5
+# at t = 200 / 400 / 600 (PSNR is flat beyond).
+TV_GRID_EXPONENTS = tuple(k / 2 for k in range(-6, 15))
+CSV_BASE_FIELDS = ("timestamp", "prior", "sha256", "steps", "images_seen", "wall_time_s", "n", "size", "seed",
+                   "tune_seed", "tune_n")
+
+
+# --------------------------------------------------------------------------- data
+
+def make_phantoms(n: int, size: int, seed: int, recipe: dict, chunk: int = 16) -> torch.Tensor:
+    """``n`` phantoms ``[n, 1, size, size]`` in ``[0, 1]``: the prior's recipe, whole images (no crop).
+
+    Generated in chunks of ``chunk`` from one generator (bounded memory; each chunk mixes
+    2D ellipses and 3D-ellipsoid slices in the recipe's proportion).
+    """
+    g = torch.Generator().manual_seed(int(seed))
+    recipe = dict(recipe, crop=None)
+    from d3ip_cli.prior import phantoms
+
+    parts = [phantoms.training_batch(min(chunk, n - i), size, generator=g, recipe=recipe) for i in range(0, n, chunk)]
+    return torch.cat(parts, 0)
+
+
+def diffuse_all(x0: torch.Tensor, ts: Sequence[int], abar: torch.Tensor, seed: int) -> dict[int, torch.Tensor]:
+    """``{t: x_t}`` in model units with independent seeded noise per ``t``."""
+    g = torch.Generator().manual_seed(int(seed))
+    x0m = x0 * 2 - 1
+    out = {}
+    for t in ts:
+        a = float(abar[t])
+        eps = torch.randn(x0m.shape, generator=g)
+        out[t] = (a**0.5 * x0m + (1 - a) ** 0.5 * eps).float()
+    return out
+
+
+def psnr(est: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """Per-image PSNR (data range 1) of ``est``, ``ref`` ``[N, H, W]``."""
+    mse = ((est.astype(np.float64) - ref.astype(np.float64)) ** 2).reshape(len(ref), -1).mean(1)
+    return 10 * np.log10(1.0 / np.maximum(mse, 1e-12))
+
+
+# --------------------------------------------------------------------------- prior
+
+@torch.no_grad()
+def tweedie(model: torch.nn.Module, xt: torch.Tensor, t: int, abar: torch.Tensor, batch: int) -> torch.Tensor:
+    """The prior's one-step estimate x̂0 in ``[0, 1]`` (clipped), ``[N, H, W]``."""
+    a = float(abar[t])
+    outs = []
+    for i in range(0, xt.shape[0], batch):
+        x = xt[i:i + batch]
+        eps = model(x, torch.full((x.shape[0],), t, dtype=torch.long))
+        outs.append((x - (1 - a) ** 0.5 * eps) / a**0.5)
+    x0m = torch.cat(outs, 0)
+    return ((x0m + 1) / 2).clamp(0, 1)[:, 0]
+
+
+@torch.no_grad()
+def ddim_samples(model: torch.nn.Module, n: int, size: int, steps: int, seed: int, batch: int) -> np.ndarray:
+    """``n`` unconditional DDIM (eta 0) samples ``[n, size, size]`` in ``[0, 1]``."""
+    from d3ip_cli.engine.samplers import ddim_sample
+    from d3ip_cli.prior import schedule
+
+    abar = schedule.alphas_cumprod()
+    g = torch.Generator().manual_seed(int(seed))
+    x = torch.randn(n, 1, size, size, generator=g)
+
+    def eps(xt: torch.Tensor, t: int) -> torch.Tensor:
+        return model(xt, torch.full((xt.shape[0],), t, dtype=torch.long))
+
+    outs = [ddim_sample(eps, x[i:i + batch], schedule.ddim_timesteps(steps), abar, eta=0.0)
+            for i in range(0, n, batch)]
+    return ((torch.cat(outs, 0)[:, 0].clamp(-1, 1) + 1) / 2).numpy()
+
+
+# --------------------------------------------------------------------------- TV baseline
+
+def tv_observation(xt: torch.Tensor, t: int, abar: torch.Tensor) -> tuple[np.ndarray, float]:
+    """``y = (x_t / sqrt(abar) + 1) / 2`` ``[N, H, W]`` and its noise std in image units."""
+    a = float(abar[t])
+    y = ((xt[:, 0].double() / a**0.5 + 1) / 2).numpy()
+    return y, (1 - a) ** 0.5 / a**0.5 / 2
+
+
+def tv_denoise(y: np.ndarray, weight: float) -> np.ndarray:
+    from skimage.restoration import denoise_tv_chambolle
+
+    return np.stack([np.clip(denoise_tv_chambolle(img, weight=weight), 0, 1) for img in y])
+
+
+def tune_tv(y: np.ndarray, ref: np.ndarray, sigma: float) -> dict[str, Any]:
+    """Grid search of the TV weight (``sigma * 2**k``) for the best mean PSNR on (y, ref)."""
+    scores = []
+    for k in TV_GRID_EXPONENTS:
+        w = sigma * 2.0**k
+        scores.append((float(psnr(tv_denoise(y, w), ref).mean()), w, k))
+    best = max(scores)
+    return {"weight": best[1], "tune_psnr": best[0],
+            "on_grid_edge": best[2] in (TV_GRID_EXPONENTS[0], TV_GRID_EXPONENTS[-1])}
+
+
+# --------------------------------------------------------------------------- evaluation
+
+def evaluate(prior: str | os.PathLike, *, n: int = 64, size: int = 128, seed: int = 10_000,
+             tune_seed: int = 20_000, tune_n: int = 20, ts: Sequence[int] = DEFAULT_TS, batch: int = 16,
+             samples_png: str | os.PathLike | None = None, n_samples: int = 16, sample_steps: int = 50,
+             log=None) -> dict[str, Any]:
+    """All measurements of one prior file -> a JSON-able dict (see the module docstring)."""
+    from d3ip_cli.prior import checkpoint as ckpt
+    from d3ip_cli.prior import schedule
+
+    log = log or (lambda msg: None)
+    t_start = time.perf_counter()
+    model, meta = ckpt.load_prior(prior)
+    f = model.config.downsampling_factor
+    if size % f:
+        raise ValueError(f"--size {size} is not divisible by the network's downsampling factor {f}")
+    recipe = dict((meta.get("data") or {}).get("recipe") or {})
+    train_seed = (meta.get("data") or {}).get("seed")
+    if train_seed is not None and int(train_seed) in (seed, tune_seed):
+        log(f"warning: evaluation seed equals the prior's training seed {train_seed}")
+    abar = schedule.alphas_cumprod()
+    ts = [int(t) for t in ts]
+    for t in ts:
+        if not 0 <= t < len(abar):
+            raise ValueError(f"t={t} outside [0, {len(abar) - 1}]")
+
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    x_test = make_phantoms(n, size, seed, recipe)
+    x_tune = make_phantoms(tune_n, size, tune_seed, recipe)
+    xt_test = diffuse_all(x_test, ts, abar, seed + 1)
+    xt_tune = diffuse_all(x_tune, ts, abar, tune_seed + 1)
+    ref_test, ref_tune = x_test[:, 0].numpy(), x_tune[:, 0].numpy()
+    timings["phantoms_s"] = time.perf_counter() - t0
+
+    per_t: dict[str, dict[str, Any]] = {}
+    t0 = time.perf_counter()
+    for t in ts:
+        est = tweedie(model, xt_test[t], t, abar, batch).numpy()
+        per_t[str(t)] = {"abar": float(abar[t]), "psnr_prior": float(psnr(est, ref_test).mean())}
+        log(f"t={t}: prior {per_t[str(t)]['psnr_prior']:.2f} dB")
+    timings["prior_denoise_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    for t in ts:
+        y_tune, sigma = tv_observation(xt_tune[t], t, abar)
+        tuned = tune_tv(y_tune, ref_tune, sigma)
+        y_test, _ = tv_observation(xt_test[t], t, abar)
+        tv_psnr = float(psnr(tv_denoise(y_test, tuned["weight"]), ref_test).mean())
+        row = per_t[str(t)]
+        row.update(sigma_image=sigma, psnr_tv=tv_psnr, tv_weight=tuned["weight"],
+                   tv_weight_on_grid_edge=tuned["on_grid_edge"], prior_wins=row["psnr_prior"] > tv_psnr,
+                   margin_db=row["psnr_prior"] - tv_psnr)
+        log(f"t={t}: TV {tv_psnr:.2f} dB (weight {tuned['weight']:.4g})")
+    timings["tv_s"] = time.perf_counter() - t0
+
+    samples = None
+    if samples_png is not None:
+        from d3ip_cli.io.figures import save_image_grid
+
+        t0 = time.perf_counter()
+        imgs = ddim_samples(model, n_samples, size, sample_steps, seed + 2, batch)
+        save_image_grid(imgs, samples_png, title=f"unconditional DDIM ({sample_steps} steps, eta 0), "
+                        f"{meta.get('steps')} steps / {meta.get('images_seen')} images seen")
+        timings["samples_s"] = time.perf_counter() - t0
+        samples = {"path": str(samples_png), "n": n_samples, "steps": sample_steps,
+                   "mean": float(imgs.mean()), "std": float(imgs.std())}
+        log(f"samples: {samples_png} ({timings['samples_s']:.0f} s)")
+    timings["total_s"] = time.perf_counter() - t_start
+
+    return {
+        "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "prior": str(Path(prior)), "sha256": meta.get("sha256"), "preset": meta.get("preset"),
+        "steps": meta.get("steps"), "images_seen": meta.get("images_seen"), "wall_time_s": meta.get("wall_time_s"),
+        "train_seed": train_seed, "n": n, "size": size, "seed": seed, "tune_seed": tune_seed, "tune_n": tune_n,
+        "ts": ts, "per_t": per_t, "prior_wins_all": all(v["prior_wins"] for v in per_t.values()),
+        "samples": samples, "timings": {k: round(v, 2) for k, v in timings.items()},
+        "threads": torch.get_num_threads(),
+    }
+
+
+# --------------------------------------------------------------------------- output
+
+def format_table(res: dict[str, Any]) -> str:
+    lines = [f"prior {res['prior']}  ({res.get('preset')}, {res['steps']} steps, {res['images_seen']} images seen, "
+             f"trained {res['wall_time_s']} s)",
+             f"one-step denoising, {res['n']} phantoms {res['size']}x{res['size']} (seed {res['seed']}); "
+             f"TV weight tuned on {res['tune_n']} phantoms (seed {res['tune_seed']})",
+             f"{'t':>5} {'abar':>7} {'sigma':>7} {'prior dB':>9} {'TV dB':>8} {'margin':>7} {'TV weight':>10}  winner"]
+    for t, r in res["per_t"].items():
+        edge = " (grid edge)" if r["tv_weight_on_grid_edge"] else ""
+        lines.append(f"{t:>5} {r['abar']:7.4f} {r['sigma_image']:7.3f} {r['psnr_prior']:9.2f} {r['psnr_tv']:8.2f} "
+                     f"{r['margin_db']:+7.2f} {r['tv_weight']:10.4g}  {'prior' if r['prior_wins'] else 'TV'}{edge}")
+    if res.get("samples"):
+        lines.append(f"samples: {res['samples']['path']}")
+    lines.append("timings: " + ", ".join(f"{k} {v}" for k, v in res["timings"].items()))
+    return "\n".join(lines)
+
+
+def csv_row(res: dict[str, Any]) -> dict[str, Any]:
+    row = {k: res.get(k) for k in CSV_BASE_FIELDS}
+    for t, r in res["per_t"].items():
+        row[f"psnr_prior_t{t}"] = round(r["psnr_prior"], 4)
+        row[f"psnr_tv_t{t}"] = round(r["psnr_tv"], 4)
+        row[f"tv_weight_t{t}"] = round(r["tv_weight"], 6)
+    row["eval_s"] = res["timings"]["total_s"]
+    return row
+
+
+def append_csv(path: str | os.PathLike, row: dict[str, Any]) -> None:
+    """Append ``row``; write the header for a new file; refuse a file with other columns."""
+    p = Path(path)
+    if p.exists() and p.stat().st_size > 0:
+        with open(p, newline="") as fh:
+            header = next(csv.reader(fh), [])
+        if header != list(row):
+            raise ValueError(f"{p} has columns {header}, this evaluation writes {list(row)} "
+                             "(other --ts?); use another --csv file")
+        with open(p, "a", newline="") as fh:
+            csv.DictWriter(fh, fieldnames=header).writerow(row)
+    else:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        with open(p, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=list(row))
+            w.writeheader()
+            w.writerow(row)
+
+
+def plot_csv(csv_path: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """PSNR vs images seen from the CSV: prior per t as lines, TV (latest row) as dashed horizontals.
+
+    Only rows with the latest row's evaluation settings (n, size, seed) are drawn.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    from d3ip_cli.io.atomic import atomic_output
+
+    with open(csv_path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows:
+        raise ValueError(f"{csv_path} has no rows to plot")
+    key = lambda r: (r["n"], r["size"], r["seed"])  # noqa: E731
+    rows = sorted((r for r in rows if key(r) == key(rows[-1])), key=lambda r: float(r["images_seen"]))
+    ts = [c[len("psnr_prior_t"):] for c in rows[0] if c.startswith("psnr_prior_t")]
+    xs = [float(r["images_seen"]) for r in rows]
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    for i, t in enumerate(ts):
+        color = f"C{i}"
+        ax.plot(xs, [float(r[f"psnr_prior_t{t}"]) for r in rows], "-o", ms=3, color=color, label=f"prior, t={t}")
+        ax.axhline(float(rows[-1][f"psnr_tv_t{t}"]), ls="--", lw=1, color=color, label=f"tuned TV, t={t}")
+    if len(xs) > 1 and min(xs) > 0 and max(xs) / min(xs) > 20:
+        ax.set_xscale("log")
+    ax.set_xlabel("images seen in training")
+    ax.set_ylabel("one-step denoising PSNR (dB)")
+    ax.set_title(f"prior quality ({rows[-1]['n']} phantoms {rows[-1]['size']}², seed {rows[-1]['seed']})", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    with atomic_output(out, overwrite=True) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    return Path(out)
+
+
+# --------------------------------------------------------------------------- CLI
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="eval_prior.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("prior", nargs="?", default=None, help="prior .safetensors file (default: the bundled prior)")
+    p.add_argument("--n", type=int, default=64, help="test phantoms (default 64)")
+    p.add_argument("--size", type=int, default=128, help="phantom size in pixels (default 128)")
+    p.add_argument("--seed", type=int, default=10_000, help="test phantom seed (default 10000; training uses 0)")
+    p.add_argument("--tune-n", type=int, default=20, help="phantoms for tuning the TV weight (default 20)")
+    p.add_argument("--tune-seed", type=int, default=20_000, help="seed of the TV tuning phantoms (default 20000)")
+    p.add_argument("--ts", type=int, nargs="+", default=list(DEFAULT_TS), help="diffusion steps (default 200 400 600)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--batch", type=int, default=16, help="images per network evaluation (default 16)")
+    p.add_argument("--samples-png", default=None, help="write unconditional DDIM samples as a PNG grid here")
+    p.add_argument("--n-samples", type=int, default=16, help="number of samples (default 16)")
+    p.add_argument("--sample-steps", type=int, default=50, help="DDIM steps for the samples (default 50)")
+    p.add_argument("--csv", default=None, help="append a row to this CSV (created with a header if missing)")
+    p.add_argument("--plot", default=None, help="draw PSNR vs images seen from --csv into this PNG")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("--quiet", action="store_true", help="no progress messages on stderr")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(None if argv is None else [str(a) for a in argv])
+    from d3ip_cli.core.errors import InputDataError
+    from d3ip_cli.prior import checkpoint as ckpt
+
+    def log(msg: str) -> None:
+        if not args.quiet:
+            print(f"[eval_prior] {msg}", file=sys.stderr, flush=True)
+
+    prior = Path(args.prior) if args.prior else ckpt.bundled_prior_path()
+    if not prior.is_file():
+        which = "" if args.prior else "the bundled prior "
+        print(f"eval_prior: {which}{prior} does not exist; pass a prior file, e.g. "
+              "runs/prior_cpu/phantom_cpu.safetensors (copy it first if a training run is writing it)", file=sys.stderr)
+        return 2
+    if args.plot and not args.csv:
+        print("eval_prior: --plot draws from the --csv file; pass --csv too", file=sys.stderr)
+        return 2
+    if min(args.n, args.tune_n, args.batch, args.n_samples, args.sample_steps) < 1:
+        print("eval_prior: --n, --tune-n, --batch, --n-samples and --sample-steps must be positive", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        res = evaluate(prior, n=args.n, size=args.size, seed=args.seed, tune_seed=args.tune_seed, tune_n=args.tune_n,
+                       ts=args.ts, batch=args.batch, samples_png=args.samples_png, n_samples=args.n_samples,
+                       sample_steps=args.sample_steps, log=log)
+    except (InputDataError, ValueError) as exc:
+        print(f"eval_prior: {exc}", file=sys.stderr)
+        return 2
+    if args.csv:
+        append_csv(args.csv, csv_row(res))
+        res["csv"] = str(args.csv)
+        if args.plot:
+            res["plot"] = str(plot_csv(args.csv, args.plot))
+    if args.json:
+        print(json.dumps(res))
+    else:
+        print(format_table(res))
+        for k in ("csv", "plot"):
+            if k in res:
+                print(f"{k}: {res[k]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""Every command answers --help quickly, has help text with an example, and is documented in the README."""
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+COMMANDS = ["info", "convert", "simulate", "reconstruct", "pretrain-phantom", "benchmark", "operators", "metrics"]
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_command_help(cli, command):
+    r = cli([command, "--help"])
+    assert r.exit_code == 0, r.output
+    assert "Example" in r.output
+    assert "not available" not in r.output.lower()
+
+
+def test_version(cli):
+    from d3ip_cli import __version__
+
+    r = cli(["--version"])
+    assert r.exit_code == 0 and __version__ in r.output
+
+
+def test_help_is_fast_and_imports_no_torch():
+    code = "import sys, d3ip_cli.cli as c; assert 'torch' not in sys.modules, 'torch imported'; print('ok')"
+    t = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert time.perf_counter() - t < 5  # generous; typically ~0.2 s
+
+
+def test_readme_documents_every_command_and_exit_code():
+    readme = (ROOT / "README.md").read_text()
+    for c in COMMANDS:
+        assert f"d3ip {c}" in readme, c
+    for code in ("| 0 ", "| 2 ", "| 3 ", "| 4 ", "| 5 ", "| 6 ", "| 130 "):
+        assert code in readme, code
