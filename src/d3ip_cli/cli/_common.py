@@ -35,6 +35,23 @@ SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed (all randomnes
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
 OutputOpt = Annotated[Optional[Path], typer.Option("-o", "--output", help="Output path.")]
 
+# Task options shared by simulate and reconstruct (validated by d3ip_cli.core.config).
+TaskOpt = Annotated[Optional[str], typer.Option("--task", help="sparse-view, limited-angle or cs-mri.")]
+ViewsOpt = Annotated[int, typer.Option("--views", help="sparse-view: number of views uniform on [0, 180).")]
+ArcOpt = Annotated[float, typer.Option("--arc", help="limited-angle: arc in degrees (1-degree steps), in (0, 180].")]
+AccelerationOpt = Annotated[float, typer.Option("--acceleration", help="cs-mri: undersampling factor R >= 1.")]
+MaskOpt = Annotated[str, typer.Option("--mask", help="cs-mri: uniform1d, gaussian1d or poisson2d.")]
+CenterFractionOpt = Annotated[float, typer.Option("--center-fraction", help="cs-mri: fully sampled centre fraction.")]
+CoilsOpt = Annotated[int, typer.Option("--coils", help="cs-mri: simulated coils (1: single coil; >1: SENSE).")]
+BackendOpt = Annotated[str, typer.Option("--backend", help="CT projector: auto, native, torch-radon or astra.")]
+SlicesOpt = Annotated[Optional[str], typer.Option("--slices", help="Slab A:B of the slice axis (0-based, B excluded).")]
+GridOpt = Annotated[Optional[int], typer.Option("--grid", help="Resample in-plane to N x N (anti-aliased).")]
+NoiseOpt = Annotated[str, typer.Option("--noise", help="none, poisson (CT photon counts) or gaussian.")]
+I0Opt = Annotated[float, typer.Option("--i0", help="poisson: incident photons per detector bin.")]
+SigmaOpt = Annotated[float, typer.Option("--sigma", help="gaussian: noise std relative to the RMS of the data.")]
+SeriesOpt = Annotated[Optional[str], typer.Option("--series", help="DICOM SeriesInstanceUID (prefix) to read.")]
+FrameOpt = Annotated[Optional[int], typer.Option("--frame", help="Volume index of a 4D input (ISMRMRD: repetition).")]
+
 
 def log(message: str) -> None:
     """A log line on stderr (never stdout)."""
@@ -51,6 +68,37 @@ def emit_json(doc: Any) -> None:
 
     sys.stdout.write(json.dumps(doc, default=_json_default) + "\n")
     sys.stdout.flush()
+
+
+class progress_bar:
+    """A rich progress bar on stderr driven by ``callback(step, total, info)`` (library convention).
+
+    Usage: ``with progress_bar("reconstructing") as cb: library_call(progress=cb)``.
+    Silent when stderr is not a terminal.
+    """
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self._progress: Any = None
+        self._tasks: dict[str, Any] = {}
+
+    def __enter__(self) -> Callable[[int, int, dict], None]:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self._progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                                  TimeElapsedColumn(), console=err_console, transient=True,
+                                  disable=not err_console.is_terminal)
+        self._progress.__enter__()
+        return self.update
+
+    def update(self, step: int, total: int, info: dict) -> None:
+        stage = str((info or {}).get("stage", self.label))
+        if stage not in self._tasks:
+            self._tasks[stage] = self._progress.add_task(stage, total=total)
+        self._progress.update(self._tasks[stage], completed=step, total=total)
+
+    def __exit__(self, *exc: Any) -> None:
+        self._progress.__exit__(*exc)
 
 
 def _fail(message: str, code: int) -> typer.Exit:

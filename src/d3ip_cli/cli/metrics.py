@@ -1,16 +1,42 @@
-"""`d3ip metrics` (placeholder until its issue lands)."""
+"""`d3ip metrics`: PSNR, SSIM and through-slice error of a reconstruction against a reference."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated, Optional
+
 import typer
 
-from d3ip_cli.cli._common import guarded
-from d3ip_cli.core.errors import MissingComponentError
+from d3ip_cli.cli._common import JsonOpt, emit_json, guarded
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("metrics", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+    @app.command("metrics")
     @guarded
-    def _cmd(ctx: typer.Context) -> None:
-        """Not available in this version yet."""
-        raise MissingComponentError("d3ip metrics is not available in this version yet")
+    def metrics(
+        recon: Annotated[Path, typer.Argument(help="Reconstructed volume (DICOM, NIfTI or .npy).")],
+        reference: Annotated[Path, typer.Argument(help="Reference volume on the same grid.")],
+        data_range: Annotated[Optional[float], typer.Option("--data-range", help="Data range L for PSNR/SSIM "
+                                                            "(default: reference max - min).")] = None,
+        json_out: JsonOpt = False,
+    ) -> None:
+        """Compare a reconstruction with a reference volume: PSNR, SSIM, NRMSE, through-slice error.
+
+        PSNR is over the whole volume, SSIM the mean of axial-slice SSIMs (scikit-image), both
+        with an explicit data range; z_rel_l2 is the relative L2 error of slice-to-slice differences.
+
+        Example: d3ip metrics recon.nii.gz truth.nii.gz --json
+        """
+        from d3ip_cli.bench.metrics import volume_metrics
+        from d3ip_cli.io.volumes import read_volume
+
+        x = read_volume(recon)
+        r = read_volume(reference)
+        doc = volume_metrics(x.data, r.data, data_range=data_range)
+        doc = {"recon": str(recon), "reference": str(reference), **doc}
+        if json_out:
+            emit_json(doc)
+            return
+        for key in ("psnr", "ssim", "nrmse", "z_rel_l2", "data_range"):
+            val = doc.get(key)
+            typer.echo(f"{key:10s} {'n/a' if val is None else val}")
