@@ -87,3 +87,16 @@ def test_shard_covers_all_slices():
         for ws in (1, 2, 3):
             parts = [range(n)[shard(n, r, ws)] for r in range(ws)]
             assert [i for p in parts for i in p] == list(range(n))
+
+
+def test_memory_plan_linear_and_refusal():
+    from d3ip_cli.core.errors import ResourceError
+    from d3ip_cli.engine.memory import plan
+
+    dev = torch.device("cpu")
+    kw = dict(model_channels=32, complex_=False, adapt_batch=3, device=dev, available=8 * 1024**3)
+    p16 = plan(16, (128, 128), 60 * 185, **kw)
+    p64 = plan(64, (128, 128), 60 * 185, **kw)
+    assert p16.per_slice_bytes == p64.per_slice_bytes and p16.chunk >= 1
+    with pytest.raises(ResourceError, match="at most .* slices fit"):
+        plan(10**6, (512, 512), 60 * 725, **kw)

@@ -435,3 +435,159 @@ def _reptile(net: torch.nn.Module, params: list[torch.nn.Parameter], op: LinearO
         if progress is not None:
             progress({"stage": "d3ip-meta reptile", "step": outer + 1, "steps": s.meta_outer,
                       "adapt_loss": float(loss.detach()), "residual": None})
+
+
+# ---------------------------------------------------------------------------------------
+# registration with ``reconstruct --method`` (engine.methods)
+# ---------------------------------------------------------------------------------------
+
+_PRIOR_CACHE: dict[tuple[str, str], tuple[torch.nn.Module, dict]] = {}
+
+SETTING_FIELDS = {f.name for f in dataclasses.fields(DiffusionSettings)}
+
+
+def load_prior_for(path: str | None, device: torch.device) -> tuple[torch.nn.Module, dict]:
+    """The prior at ``path`` (default: the bundled one), cached per process."""
+    from d3ip_cli.core.errors import MissingComponentError
+    from d3ip_cli.prior.checkpoint import bundled_prior_path, load_prior
+
+    p = str(path) if path else str(bundled_prior_path())
+    if not path and not bundled_prior_path().exists():
+        raise MissingComponentError(f"the bundled prior {p} is missing from this installation; pass --prior PATH "
+                                    "(train one with d3ip pretrain-phantom)")
+    key = (p, str(device))
+    if key not in _PRIOR_CACHE:
+        _PRIOR_CACHE[key] = load_prior(p, device)
+    return _PRIOR_CACHE[key]
+
+
+def check_prior_serves(meta: dict, shape: tuple[int, ...], complex_: bool) -> None:
+    """Refuse a prior whose channels or downsampling cannot serve ``[Z, H, W]`` images."""
+    from d3ip_cli.core.errors import InputDataError
+    from d3ip_cli.prior.network import UNetConfig
+
+    cfg = UNetConfig.from_dict(meta["architecture"])
+    if cfg.in_channels != 1 or cfg.out_channels != 1:
+        raise InputDataError(f"prior {meta.get('path')} has {cfg.in_channels} input channel(s); d3ip needs a "
+                             "single-channel (grey-level) prior")
+    f = cfg.downsampling_factor
+    h, w = shape[-2:]
+    if h % f or w % f:
+        raise InputDataError(f"the prior cannot serve {h}x{w} slices: sides must be divisible by {f} "
+                             f"(resample with --grid N, N a multiple of {f})")
+
+
+def run_registered(name: str, op: LinearOperator, y: torch.Tensor, x_init: torch.Tensor, ctx: Any) -> torch.Tensor:
+    """``fn(op, y, x_init, ctx)`` for the method registry: prior, settings, memory plan, samples."""
+    from d3ip_cli.engine import distributed as dist
+    from d3ip_cli.engine.checkpointing import Checkpointer, run_key
+    from d3ip_cli.engine.memory import plan
+
+    dev = ctx.device
+    model, meta = load_prior_for(ctx.prior, dev)
+    check_prior_serves(meta, tuple(op.in_shape), x_init.is_complex())
+    modality = "MR" if getattr(op, "complex_input", False) else "CT"
+    overrides = {k: v for k, v in ctx.params.items() if k in SETTING_FIELDS}
+    s = settings_for(name, ctx.preset or "fast", modality, **overrides)
+    z, h, w = op.in_shape
+    meas_per_slice = int(torch.tensor(op.out_shape[1:]).prod()) if len(op.out_shape) > 1 else 1
+    mp = plan(z, (h, w), meas_per_slice, model_channels=int(meta["architecture"]["model_channels"]),
+              complex_=x_init.is_complex(), adapt_batch=s.adapt_batch, device=dev, n_samples=1)
+    if "chunk" not in overrides:
+        s.chunk = mp.chunk
+    rank, _ = dist.world()
+    adapter = None
+    if ctx.params.get("adapter"):
+        adapter = _adapter_file_state(ctx.params["adapter"], meta)
+
+    def progress(info: dict) -> None:
+        if ctx.progress is not None:
+            ctx.progress(info["step"], info["steps"], info)
+
+    if ctx.checkpoint_dir and ctx.resume and not any(_has_state(ctx.checkpoint_dir, k, rank)
+                                                      for k in range(max(1, int(ctx.samples or 1)))):
+        from d3ip_cli.core.errors import InputDataError
+
+        raise InputDataError(f"--resume: no checkpoint in {ctx.checkpoint_dir} to continue from")
+    images = []
+    last: DiffusionResult | None = None
+    for k in range(max(1, int(ctx.samples or 1))):
+        gen = torch.Generator(device=dev)
+        gen.manual_seed(int(ctx.seed) + 1_000_003 * k)
+        ck = None
+        if ctx.checkpoint_dir:
+            key = run_key(y, name, s.to_dict(), {"seed": ctx.seed, "sample": k, "prior": meta.get("sha256"),
+                                                 "world": dist.world()[1]})
+            ck = Checkpointer(f"{ctx.checkpoint_dir}/sample{k}", key, every=int(ctx.params.get("checkpoint_every", 5)),
+                              rank=rank, resume=bool(ctx.resume) and _has_state(ctx.checkpoint_dir, k, rank))
+            ck.install_signal_handlers()
+        try:
+            last = reconstruct(name, model, op, y, x_init, s, generator=gen, progress=progress, adapter=adapter,
+                               checkpointer=ck)
+        finally:
+            if ck is not None:
+                ck.restore_signal_handlers()
+        images.append(last.image)
+    if ctx.record is not None and rank == 0:
+        ctx.record["prior"] = meta.get("path")
+        ctx.record["prior_sha256"] = meta.get("sha256")
+        ctx.record["prior_info"] = {"steps": meta.get("steps"), "images_seen": meta.get("images_seen"),
+                                    "resolution": meta.get("resolution"), "preset": meta.get("preset")}
+        ctx.record["engine"] = {"settings": s.to_dict(), "memory": mp.to_dict(), "stats": last.stats if last else {},
+                                "samples": len(images)}
+        ctx.record["model_evaluations"] = (last.stats.get("nfe_sample", 0) + last.stats.get("nfe_adapt", 0)) if last else 0
+    if rank != 0:
+        return x_init  # non-zero ranks do not write; the caller checks dist.world()
+    if ctx.params.get("save_adapter") and last is not None and last.adapter is not None:
+        lora.save_adapter(ctx.params["save_adapter"], _adapter_carrier(model, s, last.adapter),
+                          {"architecture": meta["architecture"], "prior_sha256": meta.get("sha256"), "method": name,
+                           "settings": s.to_dict()})
+    if len(images) == 1:
+        return images[0]
+    stack = torch.stack([im.abs() if im.is_complex() else im for im in images], 0)
+    ctx.extras = getattr(ctx, "extras", {}) or {}
+    ctx.extras["std"] = stack.std(0, unbiased=True)
+    mean = torch.stack(images, 0).mean(0)
+    return mean
+
+
+def _has_state(directory: str, k: int, rank: int) -> bool:
+    from pathlib import Path
+
+    return (Path(directory) / f"sample{k}" / f"state-rank{rank}.safetensors").exists()
+
+
+def _adapter_carrier(model: torch.nn.Module, s: DiffusionSettings, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    net = copy.deepcopy(model).cpu()
+    lora.inject_lora(net, s.lora_rank, train_bias=s.train_bias)
+    lora.load_adapter_state(net, {k: v.cpu() for k, v in state.items()})
+    return net
+
+
+def _adapter_file_state(path: str, prior_meta: dict) -> dict[str, torch.Tensor]:
+    from d3ip_cli.core.errors import InputDataError
+    from d3ip_cli.prior.checkpoint import load_tensors
+
+    tensors, meta = load_tensors(path)
+    if meta.get("format") != "d3ip-adapter":
+        raise InputDataError(f"{path} is not a d3ip adapter (format {meta.get('format')!r})")
+    if meta.get("architecture") != prior_meta.get("architecture"):
+        raise InputDataError(f"adapter {path} was made for another prior architecture")
+    return tensors
+
+
+def _register() -> None:
+    from d3ip_cli.engine.methods import ALL_TASKS, PLANNED_METHODS, register_method
+
+    defaults = {k: None for k in SETTING_FIELDS}
+    defaults.update({"adapter": None, "save_adapter": None, "checkpoint_every": 5})
+    for name in DIFFUSION_METHODS:
+        def fn(op, y, x_init, ctx, _name=name):
+            return run_registered(_name, op, y, x_init, ctx)
+
+        fn.__name__ = f"diffusion_{name.replace('-', '_')}"
+        register_method(name, fn, ALL_TASKS, needs_prior=True, description=PLANNED_METHODS.get(name, name),
+                        defaults=defaults, replace=True)
+
+
+_register()
