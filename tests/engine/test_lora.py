@@ -83,3 +83,17 @@ def test_foreign_adapter_refused(tmp_path):
     lora.inject_lora(third, rank=2)
     with pytest.raises(InputDataError):
         lora.load_adapter(path, third)
+
+
+def test_merged_inference_equals_two_path_forward():
+    net = _net()
+    params = lora.inject_lora(net, rank=3)
+    with torch.no_grad():
+        for p in params:
+            p.add_(0.05 * torch.randn_like(p))
+    x, t = torch.randn(2, 1, 16, 16), torch.tensor([5, 700])
+    with torch.enable_grad():
+        two_path = net(x, t)
+    with torch.no_grad():
+        merged = net(x, t)
+    assert torch.allclose(two_path, merged, atol=1e-5)

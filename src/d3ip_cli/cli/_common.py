@@ -74,28 +74,50 @@ class progress_bar:
     """A rich progress bar on stderr driven by ``callback(step, total, info)`` (library convention).
 
     Usage: ``with progress_bar("reconstructing") as cb: library_call(progress=cb)``.
-    Silent when stderr is not a terminal.
+    Shows the step, the adaptation loss and the data residual when the engine reports
+    them, elapsed time and ETA. When stderr is not a terminal (logs, pipelines) it prints
+    a plain line at every tenth of each stage instead.
     """
 
-    def __init__(self, label: str) -> None:
+    def __init__(self, label: str, disable: bool = False) -> None:
         self.label = label
+        self.disable = disable
         self._progress: Any = None
         self._tasks: dict[str, Any] = {}
+        self._last_logged: dict[str, int] = {}
 
     def __enter__(self) -> Callable[[int, int, dict], None]:
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
         self._progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                                  TimeElapsedColumn(), console=err_console, transient=True,
-                                  disable=not err_console.is_terminal)
+                                  TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                                  console=err_console, transient=True,
+                                  disable=self.disable or not err_console.is_terminal)
         self._progress.__enter__()
         return self.update
 
+    @staticmethod
+    def _info(info: dict) -> str:
+        parts = []
+        if info.get("adapt_loss") is not None:
+            parts.append(f"adapt loss {info['adapt_loss']:.3g}")
+        if info.get("residual") is not None:
+            parts.append(f"residual {info['residual']:.3g}")
+        return "  ".join(parts)
+
     def update(self, step: int, total: int, info: dict) -> None:
-        stage = str((info or {}).get("stage", self.label))
-        if stage not in self._tasks:
-            self._tasks[stage] = self._progress.add_task(stage, total=total)
-        self._progress.update(self._tasks[stage], completed=step, total=total)
+        info = info or {}
+        stage = str(info.get("stage", self.label))
+        key = stage.split(" slice ")[0]
+        text = self._info(info)
+        if key not in self._tasks:
+            self._tasks[key] = self._progress.add_task(stage, total=total, info=text)
+        self._progress.update(self._tasks[key], completed=step, total=total, description=stage, info=text)
+        if not self.disable and not err_console.is_terminal and total:
+            tenth = int(10 * step / total)
+            if tenth != self._last_logged.get(stage) and (tenth > self._last_logged.get(stage, 0) or step == total):
+                self._last_logged[stage] = tenth
+                err_console.print(f"{stage}: {step}/{total} {text}".rstrip())
 
     def __exit__(self, *exc: Any) -> None:
         self._progress.__exit__(*exc)

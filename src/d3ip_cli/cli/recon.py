@@ -73,6 +73,18 @@ def register(app: typer.Typer) -> None:
         series: SeriesOpt = None,
         frame: FrameOpt = None,
         weight: Annotated[Optional[float], typer.Option("--weight", help="Regularisation weight (tv, l1-wavelet).")] = None,
+        steps: Annotated[Optional[int], typer.Option("--steps", help="Diffusion: DDIM steps T (preset: fast 20, standard 50).", rich_help_panel="Diffusion engine")] = None,
+        eta: Annotated[Optional[float], typer.Option("--eta", help="Diffusion: DDIM stochasticity η (default 0.85; 0 = ODE).", rich_help_panel="Diffusion engine")] = None,
+        adapt_iters: Annotated[Optional[int], typer.Option("--adapt-iters", help="Adaptation: AdamW steps K per sampling step.", rich_help_panel="Diffusion engine")] = None,
+        adapt_batch: Annotated[Optional[int], typer.Option("--adapt-batch", help="Adaptation: slices M per minibatch.", rich_help_panel="Diffusion engine")] = None,
+        lr: Annotated[Optional[float], typer.Option("--lr", help="Adaptation: AdamW learning rate (default 1e-3).", rich_help_panel="Diffusion engine")] = None,
+        lora_rank: Annotated[Optional[int], typer.Option("--lora-rank", help="Adaptation: LoRA rank (default 4).", rich_help_panel="Diffusion engine")] = None,
+        train_bias: Annotated[Optional[bool], typer.Option("--train-bias/--no-train-bias", help="Adaptation: also train block biases.", rich_help_panel="Diffusion engine")] = None,
+        cg_iter: Annotated[Optional[int], typer.Option("--cg-iter", help="Data consistency: CG iterations (default 5).", rich_help_panel="Diffusion engine")] = None,
+        gamma: Annotated[Optional[float], typer.Option("--gamma", help="Data consistency: proximal weight γ (MRI).", rich_help_panel="Diffusion engine")] = None,
+        checkpoint_every: Annotated[Optional[int], typer.Option("--checkpoint-every", help="Checkpoint every N sampling steps (default 5).", rich_help_panel="Diffusion engine")] = None,
+        adapter: Annotated[Optional[str], typer.Option("--adapter", help="Start from a saved adapter (.safetensors).", rich_help_panel="Diffusion engine")] = None,
+        save_adapter: Annotated[Optional[str], typer.Option("--save-adapter", help="Save the adapted LoRA parameters (.safetensors).", rich_help_panel="Diffusion engine")] = None,
         debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks of failures.")] = False,
     ) -> None:
         """Reconstruct a 3D volume from undersampled CT or MRI data.
@@ -98,8 +110,15 @@ def register(app: typer.Typer) -> None:
             task=task, views=views, arc=arc, acceleration=acceleration, mask=mask, center_fraction=center_fraction,
             coils=coils, backend=backend, slices=slices, grid=grid, noise=noise, i0=i0, sigma=sigma, method=method,
             prior=prior, preset=preset, seed=seed, samples=samples, weight=weight, format=format, series=series,
-            frame=frame, checkpoint_dir=checkpoint_dir, resume=resume)
+            frame=frame, checkpoint_dir=checkpoint_dir, resume=resume, steps=steps, eta=eta, adapt_iters=adapt_iters,
+            adapt_batch=adapt_batch, lr=lr, lora_rank=lora_rank, train_bias=train_bias, cg_iter=cg_iter, gamma=gamma,
+            checkpoint_every=checkpoint_every, adapter=adapter, save_adapter=save_adapter)
+        from d3ip_cli.engine import distributed
+
         dev = resolve_device(device)
+        if distributed.init_from_env(dev):
+            dev = distributed.local_device(dev)
+        rank, world_size = distributed.world()
         task_name = cfg.task or (peek_task(input) if is_measurement_path(input) else None)
         get_method(cfg.method, task_name)
         if output is None:
@@ -119,13 +138,19 @@ def register(app: typer.Typer) -> None:
         record.add_input(input)
         if reference is not None:
             record.add_input(reference, role="reference")
-        with progress_bar(cfg.method) as cb:
+        with progress_bar(cfg.method, disable=rank != 0) as cb:
             result = engine.reconstruct(input, cfg, device=dev, record=record, progress=cb, reference_path=reference)
+        if rank != 0:  # rank 0 gathered the slices and writes
+            distributed.barrier()
+            return
+        record["world_size"] = world_size
         uid_seed = "|".join(str(e.get("sha256", "")) for e in record["inputs"]) + "|" + cfg.model_dump_json()
         with record.stage("write"):
             path = engine.write_result(result, out_path, overwrite=overwrite, format=out_format, record=record,
                                        report=report, uid_seed=uid_seed)
         engine.write_record(record, path)
+        if world_size > 1:
+            distributed.barrier()
         if json_out:
             emit_json(record.doc)
             return

@@ -11,7 +11,7 @@ re-checks what it depends on, so configs are a convenience, not the only guard.
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional
+from typing import Any, ClassVar, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -127,6 +127,23 @@ class ReconConfig(TaskOptions, NoiseOptions):
     format: Optional[str] = None
     checkpoint_dir: Optional[str] = None
     resume: bool = False
+    # diffusion engine settings (None: the preset's value); see d3ip_cli.engine.diffusion
+    steps: Optional[int] = Field(None, ge=1, le=1000)
+    eta: Optional[float] = Field(None, ge=0, le=1)
+    adapt_iters: Optional[int] = Field(None, ge=0)
+    adapt_batch: Optional[int] = Field(None, ge=1)
+    lr: Optional[float] = Field(None, gt=0)
+    lora_rank: Optional[int] = Field(None, ge=1, le=256)
+    train_bias: Optional[bool] = None
+    cg_iter: Optional[int] = Field(None, ge=0)
+    gamma: Optional[float] = Field(None, gt=0)
+    checkpoint_every: Optional[int] = Field(None, ge=1)
+    adapter: Optional[str] = None
+    save_adapter: Optional[str] = None
+
+    ENGINE_FIELDS: ClassVar[tuple[str, ...]] = ("steps", "eta", "adapt_iters", "adapt_batch", "lr", "lora_rank",
+                                                "train_bias", "cg_iter", "gamma", "checkpoint_every", "adapter",
+                                                "save_adapter")
 
     @field_validator("slices")
     @classmethod

@@ -23,6 +23,7 @@ from typing import Any, Iterable
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from d3ip_cli.core.errors import InputDataError
 
@@ -40,7 +41,14 @@ class LoRAConv2d(nn.Module):
         nn.init.zeros_(self.up.weight)
         self.scale = scale
 
+    def merged_weight(self) -> torch.Tensor:
+        """:math:`W + s\,U D` as one kernel (the 1x1 up-projection composes exactly with ``D``)."""
+        return self.base.weight + self.scale * torch.einsum("or,rikl->oikl", self.up.weight[:, :, 0, 0], self.down.weight)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled():  # inference: one convolution with the merged kernel
+            return F.conv2d(x, self.merged_weight(), self.base.bias, self.base.stride, self.base.padding,
+                            self.base.dilation, self.base.groups)
         return self.base(x) + self.scale * self.up(self.down(x))
 
 
@@ -57,6 +65,8 @@ class LoRALinear(nn.Module):
         self.scale = scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled():
+            return F.linear(x, self.base.weight + self.scale * self.up.weight @ self.down.weight, self.base.bias)
         return self.base(x) + self.scale * self.up(self.down(x))
 
 

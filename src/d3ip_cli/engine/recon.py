@@ -63,6 +63,8 @@ class Problem:
     """True when the input was a measurement file (not an image volume)."""
     measurement: Measurement | None = None
     warnings: list[str] = dataclasses.field(default_factory=list)
+    extras: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """Extra outputs of the method (``"std"``: the posterior standard deviation of ``--samples K``)."""
 
     @property
     def modality(self) -> str:
@@ -79,6 +81,8 @@ class ReconResult:
     initial: Volume
     problem: Problem
     metrics: dict[str, Any] | None
+    std: Volume | None = None
+    """Posterior standard-deviation map (``--samples K > 1``), in output units."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -319,8 +323,13 @@ def load_problem(input_path: str | os.PathLike, cfg: ReconConfig, *, device: tor
 
 
 def method_params(cfg: ReconConfig) -> dict[str, Any]:
-    """Method parameters taken from the options (``--weight``)."""
-    return {} if cfg.weight is None else {"weight": float(cfg.weight)}
+    """Method parameters taken from the options (``--weight``, engine settings such as ``--steps``)."""
+    params: dict[str, Any] = {} if cfg.weight is None else {"weight": float(cfg.weight)}
+    for name in cfg.ENGINE_FIELDS:
+        value = getattr(cfg, name)
+        if value is not None:
+            params[name] = value
+    return params
 
 
 def run_method(problem: Problem, cfg: ReconConfig, *, device: torch.device | str = "cpu",
@@ -344,6 +353,7 @@ def run_method(problem: Problem, cfg: ReconConfig, *, device: torch.device | str
     with torch.no_grad():
         x_init = problem.op.pinv(problem.y)
     x = method.fn(problem.op, problem.y, x_init, ctx)
+    problem.extras.update(getattr(ctx, "extras", None) or {})
     if tuple(x.shape) != tuple(problem.op.in_shape):
         raise RuntimeError(f"method {method.name} returned shape {list(x.shape)}, expected {list(problem.op.in_shape)}")
     return x, x_init
@@ -388,6 +398,14 @@ def reconstruct(input_path: str | os.PathLike, cfg: ReconConfig, *, device: torc
         initial = initial.replace(data=resample_inplane(initial.data, initial.affine, int(cfg.grid))[0], affine=aff)
         if problem.reference is not None:
             problem.reference = resample_inplane(problem.reference, problem.affine, int(cfg.grid))[0]
+    std = None
+    if "std" in problem.extras:
+        s_norm = problem.extras["std"].detach().float().cpu().numpy()
+        s_out = problem.scale.denormalise(s_norm) - problem.scale.denormalise(np.zeros_like(s_norm))
+        std = out.replace(data=np.ascontiguousarray(np.abs(s_out), dtype=np.float32))
+        std.meta["description"] = f"d3ip {cfg.method} posterior std {problem.task}"
+        if problem.from_file and cfg.grid:
+            std = std.replace(data=resample_inplane(std.data, problem.affine, int(cfg.grid))[0], affine=out.affine)
     metrics = None
     if problem.reference is not None:
         with stage("metrics"):
@@ -408,7 +426,7 @@ def reconstruct(input_path: str | os.PathLike, cfg: ReconConfig, *, device: torc
         record["metrics"] = metrics
         for w in problem.warnings:
             record.warn(w)
-    return ReconResult(volume=out, initial=initial, problem=problem, metrics=metrics)
+    return ReconResult(volume=out, initial=initial, problem=problem, metrics=metrics, std=std)
 
 
 def default_output_path(input_path: str | os.PathLike, method: str, task: str) -> tuple[Path, str]:
@@ -450,11 +468,29 @@ def write_result(result: ReconResult, output: str | os.PathLike, *, overwrite: b
             if issubclass(w.category, D3ipWarning):
                 record.warn(str(w.message))
         record.add_output(path)
+    if result.std is not None:
+        spath = std_output_path(path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", D3ipWarning)
+            write_volume(result.std, spath, format=format, overwrite=overwrite,
+                         description=result.std.meta.get("description"), uid_seed=uid_seed + "|std")
+        if record is not None:
+            record.add_output(spath, role="uncertainty")
+            record["uncertainty_output"] = str(Path(spath).resolve())
     if report is not None:
         write_report(result, report, overwrite=True)
         if record is not None:
             record.add_output(report, role="report")
     return Path(path)
+
+
+def std_output_path(output: str | os.PathLike) -> Path:
+    """Where the standard-deviation map goes: ``x.nii.gz`` -> ``x_std.nii.gz``; ``series/`` -> ``series_std/``."""
+    p = Path(output)
+    for suffix in (".nii.gz", ".nii", ".npy"):
+        if p.name.lower().endswith(suffix):
+            return p.with_name(p.name[: -len(suffix)] + "_std" + suffix)
+    return p.with_name(p.name + "_std")
 
 
 def write_record(record: Any, output: str | os.PathLike) -> Path:
