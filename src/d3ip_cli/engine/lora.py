@@ -42,7 +42,7 @@ class LoRAConv2d(nn.Module):
         self.scale = scale
 
     def merged_weight(self) -> torch.Tensor:
-        """:math:`W + s\,U D` as one kernel (the 1x1 up-projection composes exactly with ``D``)."""
+        r""":math:`W + s\,U D` as one kernel (the 1x1 up-projection composes exactly with ``D``)."""
         return self.base.weight + self.scale * torch.einsum("or,rikl->oikl", self.up.weight[:, :, 0, 0], self.down.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
