@@ -66,9 +66,9 @@ def register(app: typer.Typer) -> None:
         seed: SeedOpt = 0,
         device: DeviceOpt = "auto",
         overwrite: OverwriteOpt = False,
-        checkpoint_dir: Annotated[Optional[str], typer.Option("--checkpoint-dir", help="Save sampler state here.")] = None,
-        resume: Annotated[bool, typer.Option("--resume", help="Continue from --checkpoint-dir.")] = False,
-        samples: Annotated[int, typer.Option("--samples", help="Posterior samples (diffusion methods).")] = 1,
+        checkpoint_dir: Annotated[Optional[str], typer.Option("--checkpoint-dir", help="Save the sampler state here every --checkpoint-every steps; SIGTERM/SIGINT save it and exit 130.")] = None,
+        resume: Annotated[bool, typer.Option("--resume", help="Continue from --checkpoint-dir (a checkpoint of another input or configuration is refused, exit 3).")] = False,
+        samples: Annotated[int, typer.Option("--samples", help="Posterior samples K (diffusion methods): writes their mean, and their standard deviation as OUTPUT_std beside it.")] = 1,
         format: Annotated[Optional[str], typer.Option("--format", help="Output format: nifti, npy or dicom.")] = None,
         series: SeriesOpt = None,
         frame: FrameOpt = None,
@@ -93,6 +93,11 @@ def register(app: typer.Typer) -> None:
         reconstructed, and PSNR/SSIM are reported against the input. A measurement file
         (from d3ip simulate, fastMRI-style HDF5 or ISMRMRD) is reconstructed as is. The output
         goes beside the input unless -o is given, with the run record OUTPUT.json.
+
+        Diffusion methods size their slice batches from free memory and refuse, before any work, a
+        volume that cannot fit (exit 5, naming how many slices would); D3IP_MEMORY_LIMIT_GB=N limits
+        the memory they plan for. Under torchrun (torchrun --nproc-per-node K -m d3ip_cli reconstruct
+        ...) slices are sharded across ranks and rank 0 writes; see examples/slurm/.
 
         Example: d3ip reconstruct head.nii.gz --task sparse-view --views 30 --method tv -o head_tv.nii.gz --json
         """

@@ -296,6 +296,9 @@ def reconstruct(
 
     Under ``torchrun`` each rank reconstructs its shard of slices; the shared adapter's
     gradients are averaged across ranks; rank 0 receives the whole volume (others ``None``).
+    Each rank draws its adaptation minibatches from its own shard. ``d3ip-mbir``'s TV along
+    z couples slices only within a shard. ``ddip``/``d3ip-meta`` fine-tune per slice, so
+    their per-slice adapters are not synchronised (``d3ip-meta``'s Reptile phase is).
     """
     from d3ip_cli.engine import distributed as dist
     from d3ip_cli.engine.checkpointing import rng_tensor, set_rng
@@ -307,6 +310,9 @@ def reconstruct(
     rank, world_size = dist.world()
     z_total = op.in_shape[0]
     if world_size > 1:
+        if z_total < world_size:
+            raise UsageError(f"{z_total} slice(s) cannot be shared by {world_size} ranks: use at most {z_total} "
+                             "processes (--nproc-per-node)")
         sh = dist.shard(z_total, rank, world_size)
         idx = list(range(sh.start, sh.stop))
         op, y, x_init = op.select(idx), y[sh], x_init[sh]
@@ -320,14 +326,20 @@ def reconstruct(
     if world_size > 1:  # identical adapters everywhere, different noise per rank
         generator.manual_seed(generator.initial_seed() + 7919 * (rank + 1))
     shared = method in ("d3ip", "d3ip-mbir", "d3ip-meta")
+    # ranks move in lockstep (same steps, all-reduced gradients) only while sampling the
+    # whole shard; the per-slice methods' slice loops differ in length between ranks
+    lockstep = world_size > 1 and method in ("dds", "d3ip", "d3ip-mbir")
     init_state = lora.adapter_state(net) if params else None
     abar = schedule.alphas_cumprod().to(dev)
     ts = schedule.ddim_timesteps(s.steps)
     z = op.in_shape[0]
     smap = StateMap(z, x_init.is_complex())
     stats: dict[str, Any] = {"nfe_sample": 0, "adapt_steps": 0, "nfe_adapt": 0}
-    eps_model = make_eps_model(net, s.chunk)
-    saved = checkpointer.load() if checkpointer is not None else None
+    saved = checkpointer.load(agree=lockstep) if checkpointer is not None else None
+    chunk = s.chunk
+    if saved is not None and 0 < int(saved[1].get("chunk", 0)) <= chunk:
+        chunk = int(saved[1]["chunk"])  # batches as before (bitwise resume) when they still fit
+    eps_model = make_eps_model(net, chunk)
 
     def snapshot(extra: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out = dict(extra, rng=rng_tensor(generator))
@@ -345,7 +357,7 @@ def reconstruct(
         sm = StateMap(sub_op.in_shape[0], smap.complex)
         dc = make_dc(sub_op, y_sub, sm, s)
         adapt = make_adapt_hook(net, params, sub_op, y_sub, sm, s, abar, generator, pool, iters, stats,
-                                sync=shared)
+                                sync=lockstep)
         start = 0
         if resumable and saved is not None and saved[1].get("stage") == "sample":
             tensors, meta = saved
@@ -365,10 +377,10 @@ def reconstruct(
                           "adapt_loss": stats.get("adapt_loss"), "residual": res})
             if checkpointer is not None and resumable and info["i"] + 1 < len(ts):
                 state = snapshot({"x": info["x"]})
-                meta = {"stage": "sample", "step": info["i"], "stats": dict(stats)}
+                meta = {"stage": "sample", "step": info["i"], "stats": dict(stats), "chunk": chunk}
                 if (info["i"] + 1) % checkpointer.every == 0:
                     checkpointer.save(state, meta)
-                checkpointer.check_stop(state, meta)
+                checkpointer.check_stop(state, meta, agree=lockstep)
 
         out = ddim_sample(eps_model, x, ts, abar, eta=s.eta, dc=dc, adapt=adapt, generator=generator,
                           callback=callback, start=start)
@@ -401,15 +413,13 @@ def reconstruct(
                     checkpointer.save(state, meta)
                 checkpointer.check_stop(state, meta)
         image = torch.stack(done, 0)
-    adapter_out = lora.adapter_state(net) if (params and shared) else None
+    adapter_out = None
+    if params and shared:  # d3ip-meta: the meta-learned initialisation (the per-slice ones are thrown away)
+        adapter_out = init_state if method == "d3ip-meta" else lora.adapter_state(net)
     if world_size > 1:
         image = dist.gather_slices(image, z_total)
         for key in ("nfe_sample", "nfe_adapt"):
-            t = torch.tensor([float(stats.get(key, 0))])
-            import torch.distributed as tdist
-
-            tdist.all_reduce(t)
-            stats[key] = int(t)
+            stats[key] = dist.all_reduce_int(int(stats.get(key, 0)), "sum")
     return DiffusionResult(image, stats, adapter_out)
 
 
@@ -486,7 +496,14 @@ def check_prior_serves(meta: dict, shape: tuple[int, ...], complex_: bool) -> No
 
 
 def run_registered(name: str, op: LinearOperator, y: torch.Tensor, x_init: torch.Tensor, ctx: Any) -> torch.Tensor:
-    """``fn(op, y, x_init, ctx)`` for the method registry: prior, settings, memory plan, samples."""
+    """``fn(op, y, x_init, ctx)`` for the method registry: prior, settings, memory plan, samples.
+
+    Environment: ``D3IP_MEMORY_LIMIT_GB`` caps the memory the plan counts on (see
+    :mod:`d3ip_cli.engine.memory`); ``D3IP_DUMP_ADAPTER=path{rank}.safetensors`` (a test
+    hook) makes every rank write its final shared adapter.
+    """
+    import os
+
     from d3ip_cli.engine import distributed as dist
     from d3ip_cli.engine.checkpointing import Checkpointer, run_key
     from d3ip_cli.engine.memory import plan
@@ -497,37 +514,50 @@ def run_registered(name: str, op: LinearOperator, y: torch.Tensor, x_init: torch
     modality = "MR" if getattr(op, "complex_input", False) else "CT"
     overrides = {k: v for k, v in ctx.params.items() if k in SETTING_FIELDS}
     s = settings_for(name, ctx.preset or "fast", modality, **overrides)
+    rank, world_size = dist.world()
     z, h, w = op.in_shape
+    z_rank = -(-z // world_size)  # the largest shard: what one rank holds
     meas_per_slice = int(torch.tensor(op.out_shape[1:]).prod()) if len(op.out_shape) > 1 else 1
-    mp = plan(z, (h, w), meas_per_slice, model_channels=int(meta["architecture"]["model_channels"]),
-              complex_=x_init.is_complex(), adapt_batch=s.adapt_batch, device=dev, n_samples=1)
+    mp = plan(z_rank, (h, w), meas_per_slice, model_channels=int(meta["architecture"]["model_channels"]),
+              complex_=x_init.is_complex(), adapt_batch=s.adapt_batch, device=dev, n_samples=1,
+              ranks=world_size)
     if "chunk" not in overrides:
         s.chunk = mp.chunk
-    rank, _ = dist.world()
     adapter = None
     if ctx.params.get("adapter"):
         adapter = _adapter_file_state(ctx.params["adapter"], meta)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
 
     def progress(info: dict) -> None:
         if ctx.progress is not None:
             ctx.progress(info["step"], info["steps"], info)
 
-    if ctx.checkpoint_dir and ctx.resume and not any(_has_state(ctx.checkpoint_dir, k, rank)
-                                                      for k in range(max(1, int(ctx.samples or 1)))):
-        from d3ip_cli.core.errors import InputDataError
+    n_samples = max(1, int(ctx.samples or 1))
+    lockstep = world_size > 1 and name in ("dds", "d3ip", "d3ip-mbir")
+    has_state = [False] * n_samples
+    if ctx.checkpoint_dir and ctx.resume:
+        has_state = [_has_state(ctx.checkpoint_dir, k, rank) for k in range(n_samples)]
+        if not dist.all_reduce_int(int(any(has_state)), "max"):
+            from d3ip_cli.core.errors import InputDataError
 
-        raise InputDataError(f"--resume: no checkpoint in {ctx.checkpoint_dir} to continue from")
+            raise InputDataError(f"--resume: no checkpoint in {ctx.checkpoint_dir} to continue from")
+    key_settings = {k: v for k, v in s.to_dict().items() if k != "chunk"}  # the chunk follows free memory
     images = []
     last: DiffusionResult | None = None
-    for k in range(max(1, int(ctx.samples or 1))):
+    for k in range(n_samples):
         gen = torch.Generator(device=dev)
         gen.manual_seed(int(ctx.seed) + 1_000_003 * k)
         ck = None
         if ctx.checkpoint_dir:
-            key = run_key(y, name, s.to_dict(), {"seed": ctx.seed, "sample": k, "prior": meta.get("sha256"),
-                                                 "world": dist.world()[1]})
+            key = run_key(y, name, key_settings, {"seed": ctx.seed, "sample": k, "prior": meta.get("sha256"),
+                                                  "world": world_size, "operator": repr(op),
+                                                  "adapter": _file_sha256(ctx.params.get("adapter"))})
+            resume_k = has_state[k]
+            if lockstep:  # all ranks resume, or none (a kill can land before a rank's first save)
+                resume_k = bool(dist.all_reduce_int(int(resume_k), "min"))
             ck = Checkpointer(f"{ctx.checkpoint_dir}/sample{k}", key, every=int(ctx.params.get("checkpoint_every", 5)),
-                              rank=rank, resume=bool(ctx.resume) and _has_state(ctx.checkpoint_dir, k, rank))
+                              rank=rank, resume=resume_k)
             ck.install_signal_handlers()
         try:
             last = reconstruct(name, model, op, y, x_init, s, generator=gen, progress=progress, adapter=adapter,
@@ -536,14 +566,24 @@ def run_registered(name: str, op: LinearOperator, y: torch.Tensor, x_init: torch
             if ck is not None:
                 ck.restore_signal_handlers()
         images.append(last.image)
+    dump = os.environ.get("D3IP_DUMP_ADAPTER")
+    if dump and last is not None and last.adapter is not None:  # test hook: every rank writes its adapter
+        from safetensors.torch import save_file
+
+        save_file({k: v.detach().cpu().contiguous() for k, v in last.adapter.items()}, dump.format(rank=rank))
     if ctx.record is not None and rank == 0:
         ctx.record["prior"] = meta.get("path")
         ctx.record["prior_sha256"] = meta.get("sha256")
         ctx.record["prior_info"] = {"steps": meta.get("steps"), "images_seen": meta.get("images_seen"),
                                     "resolution": meta.get("resolution"), "preset": meta.get("preset")}
         ctx.record["engine"] = {"settings": s.to_dict(), "memory": mp.to_dict(), "stats": last.stats if last else {},
-                                "samples": len(images)}
+                                "samples": len(images), "world_size": world_size}
+        if dev.type == "cuda":
+            ctx.record["peak_device_memory_mb"] = round(torch.cuda.max_memory_allocated(dev) / 2**20, 1)
         ctx.record["model_evaluations"] = (last.stats.get("nfe_sample", 0) + last.stats.get("nfe_adapt", 0)) if last else 0
+        if world_size > 1 and name == "d3ip-mbir":
+            ctx.record.warn(f"d3ip-mbir under torchrun: TV along z couples slices within each of the {world_size} "
+                            "shards, not across their boundaries")
     if rank != 0:
         return x_init  # non-zero ranks do not write; the caller checks dist.world()
     if ctx.params.get("save_adapter") and last is not None and last.adapter is not None:
@@ -559,10 +599,19 @@ def run_registered(name: str, op: LinearOperator, y: torch.Tensor, x_init: torch
     return mean
 
 
+def _file_sha256(path: str | None) -> str | None:
+    if not path:
+        return None
+    from d3ip_cli.core.record import sha256_path
+
+    return sha256_path(path)
+
+
 def _has_state(directory: str, k: int, rank: int) -> bool:
     from pathlib import Path
 
-    return (Path(directory) / f"sample{k}" / f"state-rank{rank}.safetensors").exists()
+    d = Path(directory) / f"sample{k}"
+    return (d / f"state-rank{rank}.safetensors").exists() or (d / f"state-rank{rank}.prev.safetensors").exists()
 
 
 def _adapter_carrier(model: torch.nn.Module, s: DiffusionSettings, state: dict[str, torch.Tensor]) -> torch.nn.Module:

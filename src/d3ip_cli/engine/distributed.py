@@ -30,6 +30,8 @@ def init_from_env(device: torch.device) -> bool:
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
     if not dist.is_initialized():
+        if device.type == "cuda" and "LOCAL_RANK" in os.environ:  # NCCL binds to the current device
+            torch.cuda.set_device(_local_gpu())
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return True
 
@@ -37,10 +39,19 @@ def init_from_env(device: torch.device) -> bool:
 def local_device(device: torch.device) -> torch.device:
     """Under torchrun each rank takes ``cuda:LOCAL_RANK``; CPU stays CPU."""
     if device.type == "cuda" and "LOCAL_RANK" in os.environ:
-        dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        dev = torch.device("cuda", _local_gpu())
         torch.cuda.set_device(dev)
         return dev
     return device
+
+
+def _local_gpu() -> int:
+    from d3ip_cli.core.errors import UsageError
+
+    local, n = int(os.environ["LOCAL_RANK"]), torch.cuda.device_count()
+    if local >= n:
+        raise UsageError(f"torchrun local rank {local} has no GPU ({n} visible): use --nproc-per-node {n} or fewer")
+    return local
 
 
 def shard(n: int, rank: int, world_size: int) -> slice:
@@ -87,6 +98,27 @@ def gather_slices(x: torch.Tensor, n_total: int) -> torch.Tensor | None:
     if rank != 0:
         return None
     return torch.cat([b[:s] for b, s in zip(bufs, sizes)], 0)
+
+
+def all_reduce_int(value: int, op: str = "max") -> int:
+    """``value`` reduced over ranks (``"max"``, ``"min"`` or ``"sum"``); the value itself on one process."""
+    if world()[1] == 1:
+        return int(value)
+    import torch.distributed as dist
+
+    ops = {"max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN, "sum": dist.ReduceOp.SUM}
+    t = torch.tensor([int(value)], dtype=torch.int64, device=_comm_device())
+    dist.all_reduce(t, op=ops[op])
+    return int(t.item())
+
+
+def _comm_device() -> torch.device:
+    """Where small collective tensors live: the rank's GPU under NCCL, else the CPU."""
+    import torch.distributed as dist
+
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def barrier() -> None:
