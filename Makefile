@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup system-deps demo test test-fast bench clean
+.PHONY: setup system-deps demo test test-fast bench bench-quick prior-eval clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -31,8 +31,20 @@ test: setup system-deps
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
 
+# performance figures of the README (native projector vs astra, U-Net vs matmul, memory vs slices)
 bench: setup
 	$(BIN)/python scripts/bench_projector.py
+	$(BIN)/python scripts/bench_unet.py
+	$(BIN)/python scripts/bench_memory.py
+
+# the README's results section: the quick suite (about 20 minutes on a 2-core CPU)
+bench-quick: setup
+	$(BIN)/d3ip benchmark --suite quick -o docs/results --overwrite
+
+# quality of the bundled prior against a tuned TV denoiser (appends to the committed curve)
+prior-eval: setup
+	$(BIN)/python scripts/eval_prior.py --csv training/prior_cpu/quality.csv --plot docs/prior/quality.png \
+	  --samples-png docs/prior/samples.png --sample-steps 25
 
 clean:
 	rm -rf $(VENV) out
