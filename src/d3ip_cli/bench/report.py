@@ -57,7 +57,7 @@ def markdown(doc: dict[str, Any]) -> str:
     lines = [
         f"# d3ip benchmark: `{s['name']}` suite",
         "",
-        f"{s['description']}.",
+        f"{s['description'][:1].upper()}{s['description'][1:]}.",
         "",
         f"- Machine: {env['cpu']} ({env['cpu_count']} cores), {env['torch_threads']} torch thread(s), device "
         f"`{doc['device']}`{(' (' + env['gpu'] + ')') if env.get('gpu') else ''}; torch {env['torch']}, d3ip {env['d3ip']}.",
