@@ -9,6 +9,10 @@ as float16 to keep the wheel small; they are loaded as float32) and
 ``src/d3ip_cli/prior/weights/phantom_cpu.json`` (the training record: command line,
 steps, images seen, wall time, throughput, loss summary, SHA-256 of the source file),
 and copies the loss-curve and sample-grid PNGs beside the record under ``docs/prior/``.
+
+It also slims the training state beside the source (drops the AdamW moments, see
+:func:`d3ip_cli.prior.pretrain.slim_state`) so it can be committed for the next
+``--resume``; ``--keep-full-state`` leaves it as it is.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("source", type=Path, help="prior file written by d3ip pretrain-phantom")
     ap.add_argument("--dtype", default="float16", choices=["float16", "float32"])
+    ap.add_argument("--keep-full-state", action="store_true", help="do not drop the optimiser moments")
     args = ap.parse_args(argv)
     model, meta = ckpt.load_prior(args.source)
     weights = ROOT / "src/d3ip_cli/prior/weights"
@@ -63,6 +68,11 @@ def main(argv: list[str] | None = None) -> int:
         src = args.source.parent / f"{stem}{suffix}"
         if src.exists():
             shutil.copy2(src, docs / f"phantom_cpu{suffix}")
+    from d3ip_cli.prior.pretrain import slim_state, state_path
+
+    state = state_path(args.source)
+    if state.exists() and not args.keep_full_state:
+        slim_state(state, state)
     print(json.dumps(record, indent=2))
     return 0
 

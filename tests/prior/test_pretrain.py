@@ -124,3 +124,16 @@ def test_torchrun_two_processes_identical_parameters(tmp_path):
     r1 = load_file(str(tmp_path / "rank1.pt.safetensors"))
     assert r0.keys() == r1.keys() and len(r0) > 10
     assert all(torch.equal(r0[k], r1[k]) for k in r0)
+
+
+def test_slim_state_resumes_as_warm_start(cli, tmp_path):
+    a = tmp_path / "a.safetensors"
+    assert cli(["pretrain-phantom", "-o", a, "--preset", "tiny", "--steps", "3"]).exit_code == 0
+    full = pt.state_path(a)
+    slim = tmp_path / "slim.state.safetensors"
+    meta = pt.slim_state(full, slim)
+    assert meta["optimizer"] == "reset" and slim.stat().st_size < full.stat().st_size
+    slim.replace(full)
+    r = cli(["pretrain-phantom", "-o", a, "--preset", "tiny", "--steps", "5", "--resume"])
+    assert r.exit_code == 0, r.output
+    assert ckpt.read_metadata(a)["steps"] == 5

@@ -336,3 +336,17 @@ def _checkpoint(cfg: PretrainConfig, output: str | os.PathLike, model: UNet, ema
     ckpt.save_tensors(state_path(output), state, dict(meta, format="d3ip-train-state", identity=_jsonable(cfg.identity())))
     ckpt.save_prior(output, ema, meta)
     return dict(meta, architecture=model.config.to_dict())
+
+
+def slim_state(source: str | os.PathLike, target: str | os.PathLike) -> dict[str, Any]:
+    """Copy a training state without the AdamW moments (half the size, for committing).
+
+    A run resumed from a slim state continues from the same weights, EMA, step and loss
+    history with fresh optimiser moments, so it is a warm start, not a bitwise continuation;
+    the header says so (``"optimizer": "reset"``).
+    """
+    tensors, meta = ckpt.load_tensors(source)
+    kept = {k: v for k, v in tensors.items() if not k.startswith("optim.")}
+    meta = dict(meta, optimizer="reset")
+    ckpt.save_tensors(target, kept, meta)
+    return meta
