@@ -31,3 +31,23 @@ def cli():
         return runner.invoke(app, [str(a) for a in args], **kw)
 
     return invoke
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors gain nothing from threads; on a busy 2-core machine two threads cost ~5x.
+    Modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def prior(tmp_path_factory):
+    """Path of a `tiny` prior trained once per session (machinery, not quality)."""
+    from d3ip_cli.prior import pretrain as pt
+
+    path = tmp_path_factory.mktemp("prior") / "tiny.safetensors"
+    pt.train(pt.PretrainConfig.from_preset("tiny", steps=6), path)
+    return path

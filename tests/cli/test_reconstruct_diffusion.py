@@ -20,22 +20,7 @@ import pytest
 import torch
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from threads; on a busy 2-core machine two threads cost ~5x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def prior(tmp_path_factory):
-    from d3ip_cli.prior import pretrain as pt
-
-    path = tmp_path_factory.mktemp("prior") / "tiny.safetensors"
-    pt.train(pt.PretrainConfig.from_preset("tiny", steps=4), path)
-    return path
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _phantom(path: Path, seed: int = 0, slices: int = 4) -> Path:

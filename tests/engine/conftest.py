@@ -3,15 +3,12 @@ import torch
 
 
 @pytest.fixture(scope="session")
-def tiny_prior(tmp_path_factory):
-    """A `tiny` prior trained in the test session (a few steps: machinery, not quality)."""
-    from d3ip_cli.prior import pretrain as pt
+def tiny_prior(prior):
+    """The session's `tiny` prior, loaded: ``(path, model, meta)``."""
     from d3ip_cli.prior.checkpoint import load_prior
 
-    path = tmp_path_factory.mktemp("prior") / "tiny.safetensors"
-    pt.train(pt.PretrainConfig.from_preset("tiny", steps=6), path)
-    model, meta = load_prior(path)
-    return path, model, meta
+    model, meta = load_prior(prior)
+    return prior, model, meta
 
 
 @pytest.fixture
