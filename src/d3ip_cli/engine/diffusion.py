@@ -450,6 +450,7 @@ def _reptile(net: torch.nn.Module, params: list[torch.nn.Parameter], op: LinearO
             for p, p0 in zip(params, theta):
                 p.copy_(p0 + s.meta_lr * (p - p0))
         stats["adapt_steps"] += s.meta_inner
+        stats["nfe_adapt"] += s.meta_inner * len(smap.rows(torch.tensor([i])))
         if progress is not None:
             progress({"stage": "d3ip-meta reptile", "step": outer + 1, "steps": s.meta_outer,
                       "adapt_loss": float(loss.detach()), "residual": None})
