@@ -21,7 +21,11 @@ where ``v`` is the step between consecutive slices, estimated as
 
 Slices are sorted by ``s = p · n``. When the InstanceNumbers run against that order,
 the order is reversed so that axis 0 follows the InstanceNumber (the writer numbers
-slices along axis 0, so a written series reads back as the same array). Consecutive
+slices along axis 0, so a written series reads back as the same array). The writer
+stores each image in the display convention of scanners (:func:`display_oriented`:
+rows towards posterior/inferior, columns towards the patient's left), flipping or
+transposing the in-plane axes of a grid stored otherwise (e.g. a RAS NIfTI): the same
+voxels at the same positions, so such a series reads back in that display order. Consecutive
 differences of ``s`` must be equal (within ``max(0.01 mm, 1 %)``): a difference close
 to ``k`` times the spacing means ``k - 1`` missing slices, any other unevenness is
 "uneven spacing"; both are refused in strict mode.
@@ -714,6 +718,35 @@ def _window(volume: Volume, slope: float) -> tuple[float, float]:
     return (lo + hi) / 2.0, max(hi - lo, slope, 1.0)
 
 
+def display_oriented(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Flip/transpose the in-plane axes of ``data [Z, H, W]`` to the display convention of DICOM.
+
+    Viewers draw a DICOM image as stored (row 0 at the top, column 0 at the left) and use
+    the geometry only to place it. A volume stored the NIfTI way (e.g. RAS: column index
+    towards the patient's right... or left, rows towards anterior) would therefore show
+    upside down or mirrored. The convention scanners follow: along a row (``r``) the
+    dominant LPS component is positive and x before y before z; down a column (``c``) it is
+    positive for x/y and negative for z (superior at the top). Same voxels, same
+    positions: only the storage order changes (and the affine with it).
+    """
+    G = LPS_TO_RAS @ affine[:3, :3]
+    r, c = G[:, 2], G[:, 1]
+    dr, dc = int(np.argmax(np.abs(r))), int(np.argmax(np.abs(c)))
+    out, A = data, affine.copy()
+    if dr == 2 or (dc != 2 and dr > dc):  # rows should run along x (or y), columns along y or z
+        out = np.swapaxes(out, 1, 2)
+        A[:, [1, 2]] = A[:, [2, 1]]
+        r, c, dr, dc = c, r, dc, dr
+    for axis, vec, dom in ((2, r, dr), (1, c, dc)):
+        wrong = vec[dom] > 0 if dom == 2 else vec[dom] < 0
+        if wrong:
+            n = out.shape[axis]
+            out = np.flip(out, axis)
+            A[:3, 3] = A[:3, 3] + (n - 1) * A[:3, axis]
+            A[:3, axis] = -A[:3, axis]
+    return np.ascontiguousarray(out), A
+
+
 def write_dicom_series(volume: Volume, path: str | os.PathLike, *, overwrite: bool = False,
                        description: str | None = None, uid_seed: str = "") -> Path:
     """Write ``volume`` as a derived DICOM series: one classic CT/MR Image Storage file per slice.
@@ -728,16 +761,16 @@ def write_dicom_series(volume: Volume, path: str | os.PathLike, *, overwrite: bo
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
     p = Path(path)
-    data = np.asarray(volume.data, dtype=np.float32)
+    data, affine = display_oriented(np.asarray(volume.data, dtype=np.float32), np.asarray(volume.affine, float))
     if not np.all(np.isfinite(data)):
         raise InputDataError("cannot write a DICOM series: the volume has non-finite values")
     modality = _pick_modality(volume)
     meta = volume.meta
     src: dict[str, Any] = dict(meta.get("dicom") or {})
-    Z, H, W = volume.shape
+    Z, H, W = data.shape
 
-    G = LPS_TO_RAS @ volume.affine[:3, :3]
-    p0 = LPS_TO_RAS @ volume.affine[:3, 3]
+    G = LPS_TO_RAS @ affine[:3, :3]
+    p0 = LPS_TO_RAS @ affine[:3, 3]
     v, col_step, row_step = G[:, 0], G[:, 1], G[:, 2]
     d_row, d_col = float(np.linalg.norm(col_step)), float(np.linalg.norm(row_step))
     r, c = row_step / d_col, col_step / d_row
@@ -756,7 +789,7 @@ def write_dicom_series(volume: Volume, path: str | os.PathLike, *, overwrite: bo
     src_series = str(meta.get("series_uid") or src.get("SeriesInstanceUID") or "")
     series_uid = generate_uid(entropy_srcs=[
         "d3ip-series", seed, src_series, description or "", str(volume.shape),
-        np.round(volume.affine, 6).tobytes().hex(), content])
+        np.round(affine, 6).tobytes().hex(), content])
     source_key = str(meta.get("source_sha256") or src_series or content)
     study_uid = src.get("StudyInstanceUID") or generate_uid(entropy_srcs=["d3ip-study", source_key])
     for_uid = src.get("FrameOfReferenceUID") or generate_uid(entropy_srcs=["d3ip-frame-of-reference", source_key])
