@@ -167,3 +167,14 @@ def test_peak_memory_is_per_run():
     assert first["peak_rss_mb"] > 0
     if first["memory_method"].startswith("VmHWM"):
         assert first["peak_rss_delta_mb"] > 100 and second["peak_rss_delta_mb"] < 50
+
+
+def test_a_case_can_have_its_own_slab_size(tmp_path):
+    suite = Suite(name="mixed", description="test", cases=(CaseSpec("sv30", "phantom", ("fbp",), slices=5),
+                                                           CaseSpec("mri4", "phantom", ("zero-filled",))),
+                  methods=("fbp",), slices=2, grid=16, preset="fast", tune_grid={})
+    cases, _ = runner.plan_cases(suite, tmp_path)
+    sizes = {c.id: c.slab[1] - c.slab[0] for c in cases}
+    assert sizes == {"sv30_phantom": 5, "mri4_phantom": 2}
+    assert cases[0].path == cases[1].path  # one phantom, big enough for both (held-out slice included)
+    assert "claims" in SUITES and {c.slices for c in SUITES["claims"].cases} == {16, None}

@@ -61,7 +61,10 @@ def markdown(doc: dict[str, Any]) -> str:
         "",
         f"- Machine: {env['cpu']} ({env['cpu_count']} cores), {env['torch_threads']} torch thread(s), device "
         f"`{doc['device']}`{(' (' + env['gpu'] + ')') if env.get('gpu') else ''}; torch {env['torch']}, d3ip {env['d3ip']}.",
-        f"- Slabs of {s['slices']} slices at {s['grid']}x{s['grid']}; diffusion preset `{s['preset']}`"
+        f"- Slabs of {s['slices']} slices at {s['grid']}x{s['grid']}"
+        + "".join(f" ({c['task']} on {c['volume']}: {c['slices']} slices)" for c in s.get("cases", [])
+                  if c.get("slices") and c["slices"] != s["slices"])
+        + f"; diffusion preset `{s['preset']}`"
         + (f" with {', '.join(f'{k}={v}' for k, v in s['engine'].items())}" if s.get("engine") else "")
         + f"; seed {doc['seed']}; noise {s['noise'].get('noise', 'none')}.",
     ]

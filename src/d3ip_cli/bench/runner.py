@@ -201,18 +201,20 @@ def plan_cases(suite: Suite, out_dir: Path, *, data: Sequence[str | os.PathLike]
 
     notes: list[str] = []
     volumes: dict[str, tuple[VolumeSpec, Path]] = {}
-    specs: list[tuple[str, str, tuple[str, ...] | None]] = [(c.task, c.volume, c.methods) for c in suite.cases]
+    specs: list[tuple[str, str, tuple[str, ...] | None, int]] = [
+        (c.task, c.volume, c.methods, c.slices or suite.slices) for c in suite.cases]
     extra = data_volumes(data)
     for v in extra:
         volumes[v.id] = (v, Path(v.path))  # type: ignore[arg-type]
-        specs += [(t, v.id, suite.data_methods) for t in suite.data_tasks]
+        specs += [(t, v.id, suite.data_methods, suite.slices) for t in suite.data_tasks]
+    phantom_slices = max([n for _, vol_id, _, n in specs if vol_id == "phantom"], default=suite.slices)
     cases: list[Case] = []
-    for task_id, vol_id, case_methods in specs:
+    for task_id, vol_id, case_methods, n_slices in specs:
         setting = TASK_SETTINGS[task_id]
         if vol_id not in volumes:
             spec = VOLUMES[vol_id]
             if spec.kind == "phantom":
-                path = _write_phantom(out_dir, suite.slices + 3, suite.grid, seed)
+                path = _write_phantom(out_dir, phantom_slices + 3, suite.grid, seed)
             else:
                 found = example_path()
                 if found is None:
@@ -224,7 +226,7 @@ def plan_cases(suite: Suite, out_dir: Path, *, data: Sequence[str | os.PathLike]
                 path = found
             volumes[vol_id] = (spec, path)
         spec, path = volumes[vol_id]
-        start, stop, tune, held = choose_slab(_n_slices(path), suite.slices)
+        start, stop, tune, held = choose_slab(_n_slices(path), n_slices)
         if not held:
             notes.append(f"{vol_id}: one slice only, so tv/l1-wavelet weights are tuned on the evaluated slice")
         wanted = list(methods) if methods else list(case_methods or suite.methods)
@@ -588,7 +590,8 @@ def run_benchmark(suite: Suite | str, out_dir: str | os.PathLike, *, data: Seque
             raise UsageError(f"--slices must be at least 1 (got {slices})")
         if grid is not None and grid < 8:
             raise UsageError(f"--grid must be at least 8 (got {grid})")
-        s = dataclasses.replace(s, slices=slices or s.slices, grid=grid or s.grid)
+        cases = s.cases if slices is None else tuple(dataclasses.replace(c, slices=None) for c in s.cases)
+        s = dataclasses.replace(s, slices=slices or s.slices, grid=grid or s.grid, cases=cases)
     wanted = _check_methods(methods)
     candidates = set(wanted or [m for c in s.cases for m in (c.methods or s.methods)]
                      + (list(s.data_methods or s.methods) if data else []))

@@ -12,6 +12,8 @@ suite     intent
 ========  ===========================================================================
 smoke     seconds: checks the machinery on 3 slices of 32x32 (numbers mean nothing)
 quick     a 2-core CPU in under 20 minutes: 4 slices of 64x64, the ``fast`` preset
+claims    the engine's quality claims at a CPU user's settings (128x128, ``fast``): a 16-slice
+          phantom and 8 slices of the example; about 20 minutes on a 2-core CPU
 standard  a workstation (hours on CPU, minutes on a GPU): 8 slices of 128x128, ``standard``
 paper     a GPU: 32 slices of 256x256, the ``paper`` preset, every task on every volume
 ========  ===========================================================================
@@ -84,6 +86,8 @@ class CaseSpec:
     volume: str
     methods: tuple[str, ...] | None = None
     """Methods for this case (``None``: the suite's); ``--methods`` overrides both."""
+    slices: int | None = None
+    """Slab size of this case (``None``: the suite's)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,6 +144,20 @@ SUITES: dict[str, Suite] = {s.name: s for s in (
         methods=FAST_METHODS,
         slices=4, grid=64, preset="fast", tune_grid={"tv": LOG_GRID, "l1-wavelet": LOG_GRID},
         data_methods=("fbp", "cgls", "tv", "zero-filled", "l1-wavelet", "dds", "d3ip"),
+    ),
+    Suite(
+        name="claims",
+        description="the engine's quality claims at a CPU user's settings, 128x128 and the fast preset: "
+                    "dds vs tv on a 16-slice phantom (in distribution); d3ip vs dds vs tv/l1-wavelet and "
+                    "d3ip-mbir's through-slice error on 8 slices of the bundled example (out of distribution)",
+        cases=(
+            CaseSpec("sv30", "phantom", ("fbp", "cgls", "tv", "dds", "d3ip"), slices=16),
+            CaseSpec("sv30", "mni", ("cgls", "tv", "dds", "d3ip", "d3ip-mbir")),
+            CaseSpec("mri4", "mni", ("zero-filled", "tv", "l1-wavelet", "dds", "d3ip", "d3ip-mbir")),
+        ),
+        methods=FAST_METHODS,
+        slices=8, grid=128, preset="fast", tune_grid={"tv": LOG_GRID, "l1-wavelet": LOG_GRID},
+        data_methods=("cgls", "tv", "l1-wavelet", "dds", "d3ip", "d3ip-mbir"),
     ),
     Suite(
         name="standard",
