@@ -41,7 +41,9 @@ def register(app: typer.Typer) -> None:
     @guarded
     def benchmark(
         output: Annotated[Path, typer.Option("-o", "--output", help="Results folder (created).")],
-        suite: Annotated[str, typer.Option("--suite", help="quick (CPU, < 20 min), claims (the engine's quality claims at 128x128, ~20 min CPU), standard, or paper (GPU).")] = "quick",
+        suite: Annotated[str, typer.Option(
+            "--suite", help="quick (CPU, < 20 min), claims (the engine's quality claims at 128x128; ~20 min "
+                            "CPU), standard, or paper (GPU).")] = "quick",
         data: Annotated[Optional[list[Path]], typer.Option("--data", metavar="PATH", help="Extra volume to benchmark on "
                                                                           "(repeatable; out of distribution).")] = None,
         methods: Annotated[Optional[str], typer.Option("--methods", help="Comma-separated methods replacing the "
