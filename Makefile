@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup system-deps demo test test-fast bench bench-quick prior-eval clean
+.PHONY: setup system-deps demo test test-fast bench bench-quick bench-claims prior-eval clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -40,6 +40,10 @@ bench: setup
 # the README's results section: the quick suite (about 20 minutes on a 2-core CPU)
 bench-quick: setup
 	$(BIN)/d3ip benchmark --suite quick -o docs/results --overwrite
+
+# issue 5's quality claims at a CPU user's settings (128x128, fast preset; ~20 min)
+bench-claims: setup
+	$(BIN)/d3ip benchmark --suite claims -o docs/claims --overwrite
 
 # quality of the bundled prior against a tuned TV denoiser (appends to the committed curve)
 prior-eval: setup

@@ -59,3 +59,18 @@ def test_power_norm(gen):
     assert abs(power_norm(op, 30, gen) - 1.0) < 1e-3
     scaled = 2.5 * op
     assert abs(power_norm(scaled, 30, gen) - 2.5) < 1e-2
+
+
+def test_cg_stays_put_on_a_singular_projection(gen):
+    """Single-coil Cartesian MRI: A^H A is a projection, so CG fits y in one step; further
+    iterations must not amplify the rounding noise left in the residual (float32 and float64)."""
+    for dtype in (torch.complex64, torch.complex128):
+        op = make_operator("cs-mri", (2, 32, 32), acceleration=4.0, generator=gen)
+        truth = torch.randn(2, 32, 32, generator=gen).to(dtype)
+        y = op.A(truth)
+        start = torch.randn(2, 32, 32, generator=gen).to(dtype)
+        one = cg(op.normal, op.A_adjoint(y), x0=start, n_iter=1, per_slice=True)
+        many = cg(op.normal, op.A_adjoint(y), x0=start, n_iter=30, per_slice=True)
+        assert torch.isfinite(many).all()
+        torch.testing.assert_close(op.A(many), y, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(many, one, rtol=1e-4, atol=1e-4)

@@ -65,15 +65,22 @@ def cg(normal: Callable[[torch.Tensor], torch.Tensor], rhs: torch.Tensor, x0: to
     p = r
     rs = _dot(r, r, per_slice)
     stop = (tol * torch.linalg.vector_norm(rhs)) ** 2 if tol > 0 else None
+    # Converged to rounding level: freeze (a singular N, e.g. a Cartesian MRI projection, fits in one
+    # step; iterating on the rounding noise left in r would divide noise by noise and blow x up).
+    eps = torch.finfo(rs.dtype).eps
+    floor = _dot(rhs, rhs, per_slice).detach() * (16 * eps) ** 2
     for _ in range(int(n_iter)):
         if stop is not None and float(rs.max()) <= float(stop):
             break
+        active = rs.detach() > floor
+        if not bool(active.any()):
+            break
         ap = normal(p)
-        alpha = _div(rs, _dot(p, ap, per_slice))
+        alpha = torch.where(active, _div(rs, _dot(p, ap, per_slice)), torch.zeros_like(rs))
         x = x + _bc(alpha, p) * p
         r = r - _bc(alpha, ap) * ap
         rs_new = _dot(r, r, per_slice)
-        p = r + _bc(_div(rs_new, rs), p) * p
+        p = r + _bc(torch.where(active, _div(rs_new, rs), torch.zeros_like(rs)), p) * p
         rs = rs_new
     return x
 
