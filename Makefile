@@ -48,7 +48,7 @@ bench-claims: setup
 # quality of the bundled prior against a tuned TV denoiser (appends to the committed curve)
 prior-eval: setup
 	$(BIN)/python scripts/eval_prior.py --csv training/prior_cpu/quality.csv --plot docs/prior/quality.png \
-	  --samples-png docs/prior/samples.png --sample-steps 25
+	  --samples-png docs/prior/samples.png --sample-steps 50
 
 clean:
 	rm -rf $(VENV) out

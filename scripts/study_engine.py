@@ -4,7 +4,10 @@ Why does a method win or lose? This script answers with measurements: it builds 
 problem (a volume + task), then runs each *variant* (a method plus engine settings) and
 prints PSNR / SSIM / through-slice error / wall time, with tuned ``tv`` and ``cgls`` as
 references. Variants are ``NAME=method[:key=value,...]`` with the keys of
-:class:`~d3ip_cli.engine.diffusion.DiffusionSettings`.
+:class:`~d3ip_cli.engine.diffusion.DiffusionSettings`, plus ``samples=K`` (the mean of K
+runs with seeds ``seed .. seed+K-1``: an estimate of the posterior mean).
+``--trajectory`` also prints, for each ``dds`` variant, the PSNR of the Tweedie estimate
+x̂0 and of its data-consistent x̃0 at every sampling step.
 
 Example (the numbers on issue 5 and in the README come from commands like this)::
 
@@ -43,7 +46,7 @@ def parse_variant(text: str) -> tuple[str, str, dict]:
     for item in filter(None, opts.split(",")):
         k, _, v = item.partition("=")
         fields = {f.name: f.type for f in diffusion.dataclasses.fields(diffusion.DiffusionSettings)}
-        if k not in fields:
+        if k not in fields and k != "samples":
             raise SystemExit(f"unknown setting {k!r} in variant {text!r}")
         if v in ("True", "False"):
             overrides[k] = v == "True"
@@ -58,6 +61,32 @@ def parse_variant(text: str) -> tuple[str, str, dict]:
                 except ValueError:
                     overrides[k] = v
     return name, method or name, overrides
+
+
+def trajectory(model: torch.nn.Module, problem, x_init: torch.Tensor, s, seed: int) -> None:
+    """PSNR (normalised units) of x̂0 and x̃0 = dc(x̂0) at every step of one dds run."""
+    from d3ip_cli.engine.samplers import ddim_sample, diffuse
+    from d3ip_cli.prior import schedule
+
+    ref = torch.as_tensor(problem.scale.normalise(problem.reference))
+    rng = float(ref.max() - ref.min())
+    smap = diffusion.StateMap(ref.shape[0], x_init.is_complex())
+
+    def psnr(state: torch.Tensor) -> float:
+        img = smap.to_image(state)
+        img = img.abs() if img.is_complex() else img
+        return 10 * float(np.log10(rng**2 / float(((img - ref) ** 2).mean())))
+
+    abar = schedule.alphas_cumprod()
+    ts = schedule.ddim_timesteps(s.steps)
+    gen = torch.Generator().manual_seed(seed)
+    x = diffuse(smap.to_state(x_init), ts[0], abar, gen)
+
+    def show(info: dict) -> None:
+        print(f"    t={info['t']:4d}  x0_hat {psnr(info['x0']):6.2f} dB  x0_dc {psnr(info['x0_dc']):6.2f} dB", flush=True)
+
+    ddim_sample(diffusion.make_eps_model(model, s.chunk), x, ts, abar, eta=s.eta,
+                dc=diffusion.make_dc(problem.op, problem.y, smap, s), generator=gen, callback=show)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tv-weights", default="1e-5,3e-5,1e-4,3e-4,1e-3", help="tv weights tried (best reported)")
     ap.add_argument("--variant", action="append", default=[], help="NAME=method[:key=value,...]")
     ap.add_argument("--csv", default=None, help="append rows to this CSV")
+    ap.add_argument("--trajectory", action="store_true", help="per-step PSNR of x̂0 and x̃0 for dds variants")
     args = ap.parse_args(argv)
 
     tmp = Path(tempfile.mkdtemp(prefix="d3ip-study-"))
@@ -134,12 +164,18 @@ def main(argv: list[str] | None = None) -> int:
         x_init = problem.op.pinv(problem.y)
     for text in args.variant:
         name, method, overrides = parse_variant(text)
+        n_samples = int(overrides.pop("samples", 1))
         s = diffusion.settings_for(method, args.preset, modality, **overrides)
-        gen = torch.Generator().manual_seed(args.seed)
         t0 = time.perf_counter()
-        res = diffusion.reconstruct(method, model, problem.op, problem.y, x_init, s, generator=gen)
-        report(name, res.image, time.perf_counter() - t0,
-               f"{method} " + ",".join(f"{k}={v}" for k, v in overrides.items()))
+        images = []
+        for k in range(n_samples):
+            gen = torch.Generator().manual_seed(args.seed + k)
+            images.append(diffusion.reconstruct(method, model, problem.op, problem.y, x_init, s, generator=gen).image)
+        desc = f"{method} " + ",".join(f"{k}={v}" for k, v in overrides.items())
+        report(name, torch.stack(images).mean(0), time.perf_counter() - t0,
+               desc + (f" mean of {n_samples} samples" if n_samples > 1 else ""))
+        if args.trajectory and method == "dds":
+            trajectory(model, problem, x_init, s, args.seed)
 
     if args.csv:
         new = not Path(args.csv).exists()
