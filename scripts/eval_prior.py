@@ -21,7 +21,9 @@ Three measurements of a prior ``.safetensors`` file (DESIGN §5):
    evaluated on the test phantoms. A tuned weight on the edge of the grid is flagged.
 
 3. **Unconditional samples** (only with ``--samples-png``): DDIM, ``--sample-steps`` (50)
-   steps, eta 0, ``--n-samples`` (16) images at ``--size``, as a PNG grid.
+   steps, eta 0, x̂0 clipped to the data range at each step, ``--n-samples`` (16) images at
+   ``--size``, as a PNG grid; beside it
+   (``<name>_phantoms.png``) as many phantoms of the prior's recipe, for comparison.
 
 Output: a plain-text table (or one JSON object with ``--json``); ``--csv PATH`` appends a
 row (training steps, images_seen, training wall_time_s, PSNR prior/TV per t, tuned TV
@@ -117,7 +119,9 @@ def tweedie(model: torch.nn.Module, xt: torch.Tensor, t: int, abar: torch.Tensor
 
 @torch.no_grad()
 def ddim_samples(model: torch.nn.Module, n: int, size: int, steps: int, seed: int, batch: int) -> np.ndarray:
-    """``n`` unconditional DDIM (eta 0) samples ``[n, size, size]`` in ``[0, 1]``."""
+    """``n`` unconditional DDIM (eta 0) samples ``[n, size, size]`` in ``[0, 1]``, x̂0 clipped to the
+    data range ``[-1, 1]`` at every step (guided-diffusion's ``clip_denoised``; without it a young
+    prior's early estimates overshoot and some samples saturate)."""
     from d3ip_cli.engine.samplers import ddim_sample
     from d3ip_cli.prior import schedule
 
@@ -128,7 +132,10 @@ def ddim_samples(model: torch.nn.Module, n: int, size: int, steps: int, seed: in
     def eps(xt: torch.Tensor, t: int) -> torch.Tensor:
         return model(xt, torch.full((xt.shape[0],), t, dtype=torch.long))
 
-    outs = [ddim_sample(eps, x[i:i + batch], schedule.ddim_timesteps(steps), abar, eta=0.0)
+    def clip(x0: torch.Tensor, t: int) -> torch.Tensor:  # guided-diffusion's clip_denoised
+        return x0.clamp(-1, 1)
+
+    outs = [ddim_sample(eps, x[i:i + batch], schedule.ddim_timesteps(steps), abar, eta=0.0, dc=clip)
             for i in range(0, n, batch)]
     return ((torch.cat(outs, 0)[:, 0].clamp(-1, 1) + 1) / 2).numpy()
 
@@ -227,6 +234,11 @@ def evaluate(prior: str | os.PathLike, *, n: int = 64, size: int = 128, seed: in
         samples = {"path": str(samples_png), "n": n_samples, "steps": sample_steps,
                    "mean": float(imgs.mean()), "std": float(imgs.std())}
         log(f"samples: {samples_png} ({timings['samples_s']:.0f} s)")
+        # the training distribution beside them, to judge "looks like ellipse phantoms"
+        real = make_phantoms(n_samples, size, seed + 3, recipe)[:, 0].numpy()
+        phantoms_png = Path(samples_png).with_name(Path(samples_png).stem + "_phantoms.png")
+        save_image_grid(real, phantoms_png, title="training phantoms (the prior's recipe, unseen seed) for comparison")
+        samples["phantoms_path"] = str(phantoms_png)
     timings["total_s"] = time.perf_counter() - t_start
 
     return {
