@@ -150,6 +150,9 @@ def _sample_grid(model, resolution: int, path: Path, step: int, seed: int, n: in
     def eps(xt, t):
         return model(xt, torch.full((xt.shape[0],), t, device=dev))
 
-    out = ddim_sample(eps, x, schedule.ddim_timesteps(steps), abar, eta=0.0, generator=g)
+    def clip(x0, t):  # x̂0 kept in the data range at every step (guided-diffusion's clip_denoised)
+        return x0.clamp(-1, 1)
+
+    out = ddim_sample(eps, x, schedule.ddim_timesteps(steps), abar, eta=0.0, dc=clip, generator=g)
     imgs = ((out[:, 0].clamp(-1, 1) + 1) / 2).cpu().numpy()
     save_image_grid(imgs, path, title=f"unconditional DDIM samples ({steps} steps) after {step} training steps")
