@@ -85,6 +85,7 @@ def register(app: typer.Typer) -> None:
 
         def on_checkpoint(step: int, ema, meta: dict) -> None:
             _sample_grid(ema, cfg.resolution, samples_png, step, seed)
+            _loss_curve(output, loss_png, cfg.preset)  # also kept current when a run is stopped early
 
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -109,14 +110,9 @@ def register(app: typer.Typer) -> None:
                             argv=list(__import__("sys").argv))
         if rank != 0:
             return
-        from d3ip_cli.io.figures import save_curve
         from d3ip_cli.prior import checkpoint as ckpt
 
-        tensors, _ = ckpt.load_tensors(pt.state_path(output))
-        losses = tensors["loss_history"].numpy()
-        if len(losses):
-            save_curve(range(1, len(losses) + 1), losses, loss_png, xlabel="step", ylabel="ε-MSE loss", logy=True,
-                       smooth=min(200, max(1, len(losses) // 10)), title=f"pretrain-phantom ({cfg.preset})")
+        _loss_curve(output, loss_png, cfg.preset)
         record["prior"] = str(output.resolve())
         record["prior_sha256"] = ckpt.file_sha256(output)
         record["training"] = {k: meta.get(k) for k in ("steps", "images_seen", "wall_time_s", "loss")}
@@ -132,6 +128,19 @@ def register(app: typer.Typer) -> None:
             emit_json(doc)
         else:
             log(f"wrote {output} ({meta.get('steps')} steps, {meta.get('images_seen')} images seen)")
+
+
+def _loss_curve(output: Path, png: Path, preset: str) -> None:
+    """The loss history of the training state beside ``output``, as a PNG (log scale, smoothed)."""
+    from d3ip_cli.io.figures import save_curve
+    from d3ip_cli.prior import checkpoint as ckpt
+    from d3ip_cli.prior import pretrain as pt
+
+    tensors, _ = ckpt.load_tensors(pt.state_path(output))
+    losses = tensors["loss_history"].numpy()
+    if len(losses):
+        save_curve(range(1, len(losses) + 1), losses, png, xlabel="step", ylabel="ε-MSE loss", logy=True,
+                   smooth=min(200, max(1, len(losses) // 10)), title=f"pretrain-phantom ({preset})")
 
 
 def _sample_grid(model, resolution: int, path: Path, step: int, seed: int, n: int = 16, steps: int = 50) -> None:
