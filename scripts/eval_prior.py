@@ -117,27 +117,12 @@ def tweedie(model: torch.nn.Module, xt: torch.Tensor, t: int, abar: torch.Tensor
     return ((x0m + 1) / 2).clamp(0, 1)[:, 0]
 
 
-@torch.no_grad()
 def ddim_samples(model: torch.nn.Module, n: int, size: int, steps: int, seed: int, batch: int) -> np.ndarray:
-    """``n`` unconditional DDIM (eta 0) samples ``[n, size, size]`` in ``[0, 1]``, x̂0 clipped to the
-    data range ``[-1, 1]`` at every step (guided-diffusion's ``clip_denoised``; without it a young
-    prior's early estimates overshoot and some samples saturate)."""
-    from d3ip_cli.engine.samplers import ddim_sample
-    from d3ip_cli.prior import schedule
+    """``n`` unconditional samples (:func:`~d3ip_cli.engine.samplers.prior_samples`) in ``[0, 1]``."""
+    from d3ip_cli.engine.samplers import prior_samples
 
-    abar = schedule.alphas_cumprod()
     g = torch.Generator().manual_seed(int(seed))
-    x = torch.randn(n, 1, size, size, generator=g)
-
-    def eps(xt: torch.Tensor, t: int) -> torch.Tensor:
-        return model(xt, torch.full((xt.shape[0],), t, dtype=torch.long))
-
-    def clip(x0: torch.Tensor, t: int) -> torch.Tensor:  # guided-diffusion's clip_denoised
-        return x0.clamp(-1, 1)
-
-    outs = [ddim_sample(eps, x[i:i + batch], schedule.ddim_timesteps(steps), abar, eta=0.0, dc=clip)
-            for i in range(0, n, batch)]
-    return ((torch.cat(outs, 0)[:, 0].clamp(-1, 1) + 1) / 2).numpy()
+    return prior_samples(model, n, size, steps=steps, batch=batch, generator=g).numpy()
 
 
 # --------------------------------------------------------------------------- TV baseline

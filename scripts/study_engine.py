@@ -34,7 +34,7 @@ from d3ip_cli.bench.metrics import volume_metrics
 from d3ip_cli.bench.runner import _write_phantom, example_path
 from d3ip_cli.core.config import ReconConfig
 from d3ip_cli.engine import diffusion
-from d3ip_cli.engine.recon import load_problem, run_method
+from d3ip_cli.engine.recon import load_problem, run_method, to_volume
 from d3ip_cli.physics.registry import TASKS
 from d3ip_cli.prior.checkpoint import bundled_prior_path, load_prior
 
@@ -43,9 +43,9 @@ def parse_variant(text: str) -> tuple[str, str, dict]:
     name, _, spec = text.partition("=")
     method, _, opts = spec.partition(":")
     overrides: dict = {}
+    fields = {f.name for f in diffusion.dataclasses.fields(diffusion.DiffusionSettings)}
     for item in filter(None, opts.split(",")):
         k, _, v = item.partition("=")
-        fields = {f.name: f.type for f in diffusion.dataclasses.fields(diffusion.DiffusionSettings)}
         if k not in fields and k != "samples":
             raise SystemExit(f"unknown setting {k!r} in variant {text!r}")
         if v in ("True", "False"):
@@ -132,8 +132,6 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
 
     def report(name: str, x: torch.Tensor, seconds: float, extra: str = "") -> None:
-        from d3ip_cli.engine.recon import to_volume
-
         vol = to_volume(x, problem, name)
         m = volume_metrics(vol.data, ref)
         row = {"volume": args.volume, "task": args.task, "views": args.views, "grid": args.grid,
@@ -144,8 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:24s} psnr {m['psnr']:7.3f}  ssim {m['ssim']:.4f}  z-err {m['z_rel_l2']:.4f}  "
               f"{seconds:6.1f} s  {extra}", flush=True)
 
-    classical = ["cgls"] + (["tv"] if True else [])
-    for method in classical:
+    for method in ("cgls", "tv"):
         weights = [None] if method == "cgls" else [float(w) for w in args.tv_weights.split(",")]
         best = None
         for w in weights:
@@ -153,8 +150,6 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             x, x_init = run_method(problem, c)
             dt = time.perf_counter() - t0
-            from d3ip_cli.engine.recon import to_volume
-
             p = volume_metrics(to_volume(x, problem, method).data, ref)["psnr"]
             if best is None or p > best[0]:
                 best = (p, x, dt, w)

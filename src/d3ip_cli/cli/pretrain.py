@@ -147,21 +147,10 @@ def _sample_grid(model, resolution: int, path: Path, step: int, seed: int, n: in
     """Unconditional DDIM samples of the EMA model, as a PNG grid."""
     import torch
 
-    from d3ip_cli.engine.samplers import ddim_sample
+    from d3ip_cli.engine.samplers import prior_samples
     from d3ip_cli.io.figures import save_image_grid
-    from d3ip_cli.prior import schedule
 
     dev = next(model.parameters()).device
     g = torch.Generator(device=dev).manual_seed(seed + 12345)
-    x = torch.randn(n, 1, resolution, resolution, generator=g, device=dev)
-    abar = schedule.alphas_cumprod()
-
-    def eps(xt, t):
-        return model(xt, torch.full((xt.shape[0],), t, device=dev))
-
-    def clip(x0, t):  # x̂0 kept in the data range at every step (guided-diffusion's clip_denoised)
-        return x0.clamp(-1, 1)
-
-    out = ddim_sample(eps, x, schedule.ddim_timesteps(steps), abar, eta=0.0, dc=clip, generator=g)
-    imgs = ((out[:, 0].clamp(-1, 1) + 1) / 2).cpu().numpy()
+    imgs = prior_samples(model, n, resolution, steps=steps, batch=n, generator=g).cpu().numpy()
     save_image_grid(imgs, path, title=f"unconditional DDIM samples ({steps} steps) after {step} training steps")

@@ -84,3 +84,29 @@ def diffuse(x0: torch.Tensor, t: int, abar: torch.Tensor, generator: torch.Gener
     a = float(abar[t])
     z = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     return a**0.5 * x0 + (1 - a) ** 0.5 * z
+
+
+@torch.no_grad()
+def prior_samples(model: torch.nn.Module, n: int, size: int, *, steps: int = 50, batch: int = 16,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """``n`` unconditional DDIM (η = 0) samples of a prior, ``[n, size, size]`` in ``[0, 1]``.
+
+    x̂0 is clipped to the data range ``[-1, 1]`` at every step (guided-diffusion's
+    ``clip_denoised``; without it a young prior's early estimates overshoot and some
+    samples saturate). Samples are drawn ``batch`` at a time (bounded memory).
+    """
+    from d3ip_cli.prior import schedule
+
+    dev = next(model.parameters()).device
+    abar = schedule.alphas_cumprod()
+    x = torch.randn(n, 1, size, size, generator=generator, device=dev)
+
+    def eps(xt: torch.Tensor, t: int) -> torch.Tensor:
+        return model(xt, torch.full((xt.shape[0],), t, device=dev, dtype=torch.long))
+
+    def clip(x0: torch.Tensor, t: int) -> torch.Tensor:
+        return x0.clamp(-1, 1)
+
+    outs = [ddim_sample(eps, x[i:i + batch], schedule.ddim_timesteps(steps), abar, eta=0.0, dc=clip)
+            for i in range(0, n, batch)]
+    return (torch.cat(outs, 0)[:, 0].clamp(-1, 1) + 1) / 2
