@@ -10,9 +10,11 @@ as float16 to keep the wheel small; they are loaded as float32) and
 steps, images seen, wall time, throughput, loss summary, SHA-256 of the source file),
 and copies the loss-curve and sample-grid PNGs beside the record under ``docs/prior/``.
 
-It also slims the training state beside the source (drops the AdamW moments, see
-:func:`d3ip_cli.prior.pretrain.slim_state`) so it can be committed for the next
-``--resume``; ``--keep-full-state`` leaves it as it is.
+It also slims the training state beside the source (drops the AdamW moments, and with
+``--ema-only`` the live weights too, see :func:`d3ip_cli.prior.pretrain.slim_state`) so it
+can be committed for the next ``--resume``; ``--keep-full-state`` leaves it as it is. A prior
+trained in stages (``pretrain-phantom --init``) records its parent's summary under ``init``
+and the images of all stages under ``images_seen_total``.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("source", type=Path, help="prior file written by d3ip pretrain-phantom")
     ap.add_argument("--dtype", default="float16", choices=["float16", "float32"])
     ap.add_argument("--keep-full-state", action="store_true", help="do not drop the optimiser moments")
+    ap.add_argument("--ema-only", action="store_true",
+                    help="also drop the live weights from the state (a quarter of its size; resume restarts them from the EMA)")
     args = ap.parse_args(argv)
     model, meta = ckpt.load_prior(args.source)
     weights = ROOT / "src/d3ip_cli/prior/weights"
@@ -56,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
         "training_wall_time_s": meta.get("wall_time_s"),
         "images_per_s": round(meta["images_seen"] / meta["wall_time_s"], 2) if meta.get("wall_time_s") else None,
         "loss": meta.get("loss"),
+        "init": meta.get("init"),
+        "images_seen_total": meta.get("images_seen_total", meta.get("images_seen")),
+        "training_wall_time_s_total": meta.get("wall_time_s_total", meta.get("wall_time_s")),
         "architecture": meta.get("architecture"),
         "parameters": sum(p.numel() for p in model.parameters()),
         "data": meta.get("data"),
@@ -72,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
 
     state = state_path(args.source)
     if state.exists() and not args.keep_full_state:
-        slim_state(state, state)
+        slim_state(state, state, ema_only=args.ema_only)
     print(json.dumps(record, indent=2))
     return 0
 

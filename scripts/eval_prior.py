@@ -25,6 +25,13 @@ Three measurements of a prior ``.safetensors`` file (DESIGN §5):
    ``--size``, as a PNG grid; beside it
    (``<name>_phantoms.png``) as many phantoms of the prior's recipe, for comparison.
 
+4. **Reconstruction of phantoms** (``--recon-slices N``, default 4; 0 skips it): a 3D
+   ellipsoid phantom volume ``[N, size, size]`` (seed ``--seed`` + 4) from simulated
+   sparse-view data (30 views, noiseless), reconstructed with ``dds`` (``--preset fast``,
+   seed 0: the prior alone, no adaptation), ``cgls`` and ``tv`` with its weight tuned on a
+   second phantom volume (seed ``--tune-seed`` + 4); PSNR over the volume. This is the
+   in-distribution reconstruction the engine's claims are about, tracked as the prior trains.
+
 Output: a plain-text table (or one JSON object with ``--json``); ``--csv PATH`` appends a
 row (training steps, images_seen, training wall_time_s, PSNR prior/TV per t, tuned TV
 weights, ...) creating the file with a header when missing; ``--plot PATH`` draws the
@@ -59,6 +66,8 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+
+from d3ip_cli.prior.pretrain import totals
 
 DEFAULT_TS = (200, 400, 600)
 # weight = sigma_t * 2**k, k in [-3, 7] by halves: measured optima on 128² phantoms are k ~ 0.5 / 3 / 5
@@ -151,12 +160,53 @@ def tune_tv(y: np.ndarray, ref: np.ndarray, sigma: float) -> dict[str, Any]:
             "on_grid_edge": best[2] in (TV_GRID_EXPONENTS[0], TV_GRID_EXPONENTS[-1])}
 
 
+# --------------------------------------------------------------------------- reconstruction
+
+RECON_TV_GRID = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3)
+
+
+def reconstruct_phantoms(prior: str | os.PathLike, *, n_slices: int, size: int, seed: int, tune_seed: int,
+                         views: int = 30, preset: str = "fast", log=None) -> dict[str, Any]:
+    """PSNR of ``dds`` (this prior), ``cgls`` and tuned ``tv`` on a sparse-view phantom volume."""
+    from d3ip_cli.bench.metrics import volume_metrics
+    from d3ip_cli.core.config import ReconConfig
+    from d3ip_cli.core.device import make_generator
+    from d3ip_cli.core.types import Volume
+    from d3ip_cli.engine import recon as engine
+    from d3ip_cli.prior.phantoms import ellipsoid_volume
+
+    log = log or (lambda msg: None)
+    dev = torch.device("cpu")
+
+    def run(x: np.ndarray, method: str, weight: float | None = None) -> float:
+        vol = Volume(data=x, affine=np.eye(4), meta={"modality": "OT", "units": "a.u."})
+        cfg = ReconConfig(task="sparse-view", views=views, method=method, prior=str(prior), preset=preset, seed=0,
+                          weight=weight)
+        problem = engine.problem_from_volume(vol, cfg, device=dev)
+        xr, _ = engine.run_method(problem, cfg, device=dev)
+        return float(volume_metrics(engine.to_volume(xr, problem, method).data, problem.reference)["psnr"])
+
+    x = ellipsoid_volume(n_slices, size, generator=make_generator(seed)).numpy()
+    x_tune = ellipsoid_volume(2, size, generator=make_generator(tune_seed)).numpy()
+    t0 = time.perf_counter()
+    tv_weight = max(RECON_TV_GRID, key=lambda w: run(x_tune, "tv", w))
+    out = {"slices": n_slices, "views": views, "preset": preset, "tv_weight": tv_weight,
+           "psnr_tv": run(x, "tv", tv_weight), "psnr_cgls": run(x, "cgls")}
+    t1 = time.perf_counter()
+    out["psnr_dds"] = run(x, "dds")
+    out["dds_s"] = round(time.perf_counter() - t1, 2)
+    out["total_s"] = round(time.perf_counter() - t0, 2)
+    log(f"phantom reconstruction ({n_slices} slices, sparse-view {views}): dds {out['psnr_dds']:.2f} dB, "
+        f"tv {out['psnr_tv']:.2f} dB (weight {tv_weight:g}), cgls {out['psnr_cgls']:.2f} dB")
+    return out
+
+
 # --------------------------------------------------------------------------- evaluation
 
 def evaluate(prior: str | os.PathLike, *, n: int = 64, size: int = 128, seed: int = 10_000,
              tune_seed: int = 20_000, tune_n: int = 20, ts: Sequence[int] = DEFAULT_TS, batch: int = 16,
              samples_png: str | os.PathLike | None = None, n_samples: int = 16, sample_steps: int = 50,
-             log=None) -> dict[str, Any]:
+             recon_slices: int = 4, log=None) -> dict[str, Any]:
     """All measurements of one prior file -> a JSON-able dict (see the module docstring)."""
     from d3ip_cli.prior import checkpoint as ckpt
     from d3ip_cli.prior import schedule
@@ -214,7 +264,7 @@ def evaluate(prior: str | os.PathLike, *, n: int = 64, size: int = 128, seed: in
         t0 = time.perf_counter()
         imgs = ddim_samples(model, n_samples, size, sample_steps, seed + 2, batch)
         save_image_grid(imgs, samples_png, title=f"unconditional DDIM ({sample_steps} steps, eta 0), "
-                        f"{meta.get('steps')} steps / {meta.get('images_seen')} images seen")
+                        f"{totals(meta)['steps']} steps / {totals(meta)['images_seen']} images seen")
         timings["samples_s"] = time.perf_counter() - t0
         samples = {"path": str(samples_png), "n": n_samples, "steps": sample_steps,
                    "mean": float(imgs.mean()), "std": float(imgs.std())}
@@ -224,15 +274,24 @@ def evaluate(prior: str | os.PathLike, *, n: int = 64, size: int = 128, seed: in
         phantoms_png = Path(samples_png).with_name(Path(samples_png).stem + "_phantoms.png")
         save_image_grid(real, phantoms_png, title="training phantoms (the prior's recipe, unseen seed) for comparison")
         samples["phantoms_path"] = str(phantoms_png)
+    recon = None
+    if recon_slices > 0:
+        t0 = time.perf_counter()
+        recon = reconstruct_phantoms(prior, n_slices=recon_slices, size=size, seed=seed + 4, tune_seed=tune_seed + 4,
+                                     log=log)
+        timings["recon_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - t_start
 
+    tot = totals(meta)
     return {
         "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "prior": str(Path(prior)), "sha256": meta.get("sha256"), "preset": meta.get("preset"),
-        "steps": meta.get("steps"), "images_seen": meta.get("images_seen"), "wall_time_s": meta.get("wall_time_s"),
+        # over all training stages (a prior fine-tuned with --init counts its parent's images too)
+        "steps": tot["steps"], "images_seen": tot["images_seen"], "wall_time_s": tot["wall_time_s"],
+        "stages": tot["stages"],
         "train_seed": train_seed, "n": n, "size": size, "seed": seed, "tune_seed": tune_seed, "tune_n": tune_n,
         "ts": ts, "per_t": per_t, "prior_wins_all": all(v["prior_wins"] for v in per_t.values()),
-        "samples": samples, "timings": {k: round(v, 2) for k, v in timings.items()},
+        "samples": samples, "recon": recon, "timings": {k: round(v, 2) for k, v in timings.items()},
         "threads": torch.get_num_threads(),
     }
 
@@ -249,6 +308,10 @@ def format_table(res: dict[str, Any]) -> str:
         edge = " (grid edge)" if r["tv_weight_on_grid_edge"] else ""
         lines.append(f"{t:>5} {r['abar']:7.4f} {r['sigma_image']:7.3f} {r['psnr_prior']:9.2f} {r['psnr_tv']:8.2f} "
                      f"{r['margin_db']:+7.2f} {r['tv_weight']:10.4g}  {'prior' if r['prior_wins'] else 'TV'}{edge}")
+    if res.get("recon"):
+        r = res["recon"]
+        lines.append(f"phantom volume, {r['slices']} slices, sparse-view {r['views']} views: dds {r['psnr_dds']:.2f} dB, "
+                     f"tv {r['psnr_tv']:.2f} dB (weight {r['tv_weight']:g}), cgls {r['psnr_cgls']:.2f} dB")
     if res.get("samples"):
         lines.append(f"samples: {res['samples']['path']}")
     lines.append("timings: " + ", ".join(f"{k} {v}" for k, v in res["timings"].items()))
@@ -261,27 +324,50 @@ def csv_row(res: dict[str, Any]) -> dict[str, Any]:
         row[f"psnr_prior_t{t}"] = round(r["psnr_prior"], 4)
         row[f"psnr_tv_t{t}"] = round(r["psnr_tv"], 4)
         row[f"tv_weight_t{t}"] = round(r["tv_weight"], 6)
+    row["stages"] = res.get("stages", 1)
+    if res.get("recon"):
+        for k in ("psnr_dds", "psnr_tv", "psnr_cgls"):
+            row[f"recon_{k}"] = round(res["recon"][k], 4)
+        row["recon_slices"] = res["recon"]["slices"]
     row["eval_s"] = res["timings"]["total_s"]
     return row
 
 
 def append_csv(path: str | os.PathLike, row: dict[str, Any]) -> None:
-    """Append ``row``; write the header for a new file; refuse a file with other columns."""
+    """Append ``row``; write the header for a new file. A row with columns the file lacks
+    rewrites the file with the union of the columns (earlier rows leave them empty)."""
+    from d3ip_cli.io.atomic import atomic_output
+
     p = Path(path)
+    rows: list[dict[str, Any]] = []
+    header: list[str] = []
     if p.exists() and p.stat().st_size > 0:
         with open(p, newline="") as fh:
-            header = next(csv.reader(fh), [])
-        if header != list(row):
-            raise ValueError(f"{p} has columns {header}, this evaluation writes {list(row)} "
-                             "(other --ts?); use another --csv file")
+            reader = csv.DictReader(fh)
+            header = list(reader.fieldnames or [])
+            rows = list(reader)
+    if header and set(row) <= set(header):
         with open(p, "a", newline="") as fh:
-            csv.DictWriter(fh, fieldnames=header).writerow(row)
-    else:
-        p.parent.mkdir(parents=True, exist_ok=True)
-        with open(p, "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=list(row))
+            csv.DictWriter(fh, fieldnames=header, restval="").writerow(row)
+        return
+    header = header + [k for k in row if k not in header]
+    p.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_output(p, overwrite=True) as tmp:
+        with open(tmp, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=header, restval="")
             w.writeheader()
-            w.writerow(row)
+            w.writerows(rows + [row])
+
+
+def _stage_starts(rows: list[dict[str, Any]]) -> list[float]:
+    """Images seen at the first evaluation of each later training stage (``stages`` column)."""
+    out, last = [], None
+    for r in rows:
+        stage = r.get("stages") or "1"
+        if last is not None and stage != last:
+            out.append(float(r["images_seen"]))
+        last = stage
+    return out
 
 
 def plot_csv(csv_path: str | os.PathLike, out: str | os.PathLike) -> Path:
@@ -304,18 +390,32 @@ def plot_csv(csv_path: str | os.PathLike, out: str | os.PathLike) -> Path:
     rows = sorted((r for r in rows if key(r) == key(rows[-1])), key=lambda r: float(r["images_seen"]))
     ts = [c[len("psnr_prior_t"):] for c in rows[0] if c.startswith("psnr_prior_t")]
     xs = [float(r["images_seen"]) for r in rows]
-    fig, ax = plt.subplots(figsize=(6.4, 4))
+    recon = [r for r in rows if r.get("recon_psnr_dds")]
+    fig, axes = plt.subplots(1, 2 if recon else 1, figsize=(11.5 if recon else 6.4, 4), squeeze=False)
+    ax = axes[0, 0]
     for i, t in enumerate(ts):
         color = f"C{i}"
         ax.plot(xs, [float(r[f"psnr_prior_t{t}"]) for r in rows], "-o", ms=3, color=color, label=f"prior, t={t}")
         ax.axhline(float(rows[-1][f"psnr_tv_t{t}"]), ls="--", lw=1, color=color, label=f"tuned TV, t={t}")
-    if len(xs) > 1 and min(xs) > 0 and max(xs) / min(xs) > 20:
-        ax.set_xscale("log")
-    ax.set_xlabel("images seen in training")
     ax.set_ylabel("one-step denoising PSNR (dB)")
-    ax.set_title(f"prior quality ({rows[-1]['n']} phantoms {rows[-1]['size']}², seed {rows[-1]['seed']})", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    ax.set_title(f"denoising ({rows[-1]['n']} phantoms {rows[-1]['size']}², seed {rows[-1]['seed']})", fontsize=9)
+    if recon:
+        bx = axes[0, 1]
+        rx = [float(r["images_seen"]) for r in recon]
+        bx.plot(rx, [float(r["recon_psnr_dds"]) for r in recon], "-o", ms=3, color="C3", label="dds (this prior)")
+        bx.axhline(float(recon[-1]["recon_psnr_tv"]), ls="--", lw=1, color="C0", label="tuned TV")
+        bx.axhline(float(recon[-1]["recon_psnr_cgls"]), ls=":", lw=1, color="C7", label="CGLS")
+        bx.set_ylabel("reconstruction PSNR (dB)")
+        bx.set_title(f"sparse-view 30 views, {recon[-1].get('recon_slices')}-slice phantom volume, fast preset",
+                     fontsize=9)
+    for a in axes[0]:
+        a.set_xlabel("images seen in training (all stages)")
+        if len(xs) > 1 and min(xs) > 0 and max(xs) / min(xs) > 20:
+            a.set_xscale("log")
+        for x_stage in _stage_starts(rows):
+            a.axvline(x_stage, color="k", lw=0.8, ls="-.", alpha=0.5)
+        a.grid(alpha=0.3)
+        a.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     with atomic_output(out, overwrite=True) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
@@ -340,6 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples-png", default=None, help="write unconditional DDIM samples as a PNG grid here")
     p.add_argument("--n-samples", type=int, default=16, help="number of samples (default 16)")
     p.add_argument("--sample-steps", type=int, default=50, help="DDIM steps for the samples (default 50)")
+    p.add_argument("--recon-slices", type=int, default=4,
+                   help="slices of the phantom volume reconstructed with dds/cgls/tv (default 4; 0: skip)")
     p.add_argument("--csv", default=None, help="append a row to this CSV (created with a header if missing)")
     p.add_argument("--plot", default=None, help="draw PSNR vs images seen from --csv into this PNG")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
@@ -373,7 +475,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         res = evaluate(prior, n=args.n, size=args.size, seed=args.seed, tune_seed=args.tune_seed, tune_n=args.tune_n,
                        ts=args.ts, batch=args.batch, samples_png=args.samples_png, n_samples=args.n_samples,
-                       sample_steps=args.sample_steps, log=log)
+                       sample_steps=args.sample_steps, recon_slices=args.recon_slices, log=log)
     except (InputDataError, ValueError) as exc:
         print(f"eval_prior: {exc}", file=sys.stderr)
         return 2

@@ -31,22 +31,28 @@ def test_eval_prior_numbers_csv_and_plot(tiny_prior, tmp_path, capsys):
     csv_path, plot, samples = tmp_path / "q.csv", tmp_path / "q.png", tmp_path / "s.png"
     common = [tiny_prior, "--n", 4, "--size", 32, "--tune-n", 3, "--threads", 1, "--quiet",
               "--csv", csv_path, "--plot", plot]
-    assert ev.main([*common, "--json", "--samples-png", samples, "--n-samples", 4, "--sample-steps", 5]) == 0
+    assert ev.main([*common, "--json", "--samples-png", samples, "--n-samples", 4, "--sample-steps", 5,
+                    "--recon-slices", 0]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["steps"] == 5 and res["images_seen"] == 5 * 8 and res["n"] == 4 and res["size"] == 32
     assert set(res["per_t"]) == {"200", "400", "600"}
     for r in res["per_t"].values():
         assert 0 < r["psnr_prior"] < 100 and 0 < r["psnr_tv"] < 100 and r["tv_weight"] > 0
         assert isinstance(r["prior_wins"], bool)
-    assert samples.stat().st_size > 0 and plot.stat().st_size > 0
+    assert samples.stat().st_size > 0 and plot.stat().st_size > 0 and res["recon"] is None
 
-    # a second run appends a row (plain-text table this time) and redraws the plot
-    assert ev.main(common) == 0
+    # a second run appends a row (plain-text table this time) with the phantom reconstruction's
+    # columns, which the file did not have yet: the header becomes the union
+    assert ev.main([*common, "--recon-slices", 2]) == 0
     table = capsys.readouterr().out
-    assert "prior dB" in table and "TV dB" in table
+    assert "prior dB" in table and "TV dB" in table and "dds" in table
     with open(csv_path, newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 2
+    assert rows[0]["recon_psnr_dds"] == "" and rows[1]["recon_slices"] == "2" and rows[1]["stages"] == "1"
+    for k in ("recon_psnr_dds", "recon_psnr_tv", "recon_psnr_cgls"):
+        assert 5 < float(rows[1][k]) < 100
+    assert float(rows[1]["recon_psnr_tv"]) > float(rows[1]["recon_psnr_cgls"]) - 0.5
     assert rows[0]["steps"] == "5" and rows[0]["images_seen"] == "40" and float(rows[0]["wall_time_s"]) >= 0
     for t in (200, 400, 600):
         assert float(rows[0][f"psnr_prior_t{t}"]) == pytest.approx(res["per_t"][str(t)]["psnr_prior"], abs=1e-3)

@@ -73,6 +73,8 @@ def test_corrupt_prior_refused(tmp_path):
         (["--steps", "-3"], 2, "steps"),
         (["--resolution", "33"], 2, "divisible"),
         (["--preset", "huge"], 2, "preset"),
+        (["--lr", "0"], 2, "--lr"),
+        (["--warmup", "-1"], 2, "--warmup"),
     ],
 )
 def test_bad_options(cli, tmp_path, args, code, text):
@@ -137,3 +139,63 @@ def test_slim_state_resumes_as_warm_start(cli, tmp_path):
     r = cli(["pretrain-phantom", "-o", a, "--preset", "tiny", "--steps", "5", "--resume"])
     assert r.exit_code == 0, r.output
     assert ckpt.read_metadata(a)["steps"] == 5
+
+
+def test_init_starts_a_new_stage_from_a_prior(cli, tmp_path):
+    parent, child, fresh = (tmp_path / f"{n}.safetensors" for n in ("parent", "child", "fresh"))
+    assert cli(["pretrain-phantom", "-o", parent, "--preset", "tiny", "--steps", "4"]).exit_code == 0
+    # a near-zero learning rate: the child's weights are its parent's
+    r = cli(["pretrain-phantom", "-o", child, "--preset", "tiny", "--steps", "2", "--crop", "16",
+             "--init", parent, "--lr", "1e-12", "--warmup", "0"])
+    assert r.exit_code == 0, r.output
+    assert cli(["pretrain-phantom", "-o", fresh, "--preset", "tiny", "--steps", "2"]).exit_code == 0
+    p, _ = ckpt.load_prior(parent)
+    c, meta = ckpt.load_prior(child)
+    f, _ = ckpt.load_prior(fresh)
+    for (k, vp), vc, vf in zip(p.state_dict().items(), c.state_dict().values(), f.state_dict().values()):
+        assert torch.allclose(vp, vc, atol=1e-8), k
+    assert any(not torch.allclose(vp, vf) for vp, vf in zip(p.state_dict().values(), f.state_dict().values()))
+    # the lineage is recorded and survives --resume
+    assert meta["init"]["sha256"] == ckpt.file_sha256(parent) and meta["init"]["steps"] == 4
+    assert meta["data"]["recipe"]["crop"] == 16 and meta["init"]["crop"] is None
+    assert meta["images_seen_total"] == 2 * 8 + 4 * 8
+    r = cli(["pretrain-phantom", "-o", child, "--preset", "tiny", "--steps", "3", "--crop", "16",
+             "--lr", "1e-12", "--warmup", "0", "--resume"])
+    assert r.exit_code == 0, r.output
+    meta = ckpt.read_metadata(child)
+    assert meta["steps"] == 3 and meta["images_seen_total"] == 3 * 8 + 4 * 8 and meta["init"]["steps"] == 4
+
+
+def test_init_refuses_another_architecture_and_resume(cli, tmp_path):
+    parent, child = tmp_path / "parent.safetensors", tmp_path / "child.safetensors"
+    assert cli(["pretrain-phantom", "-o", parent, "--preset", "tiny", "--steps", "2"]).exit_code == 0
+    r = cli(["pretrain-phantom", "-o", child, "--preset", "cpu", "--steps", "1", "--init", parent])
+    assert r.exit_code == 3 and "architecture differs" in r.output and "model_channels 16 vs 32" in r.output
+    assert not child.exists()
+    r = cli(["pretrain-phantom", "-o", parent, "--preset", "tiny", "--steps", "3", "--init", parent, "--resume"])
+    assert r.exit_code == 2 and "--init starts a new run" in r.output
+
+
+def test_ema_only_slim_state_resumes(cli, tmp_path):
+    a = tmp_path / "a.safetensors"
+    assert cli(["pretrain-phantom", "-o", a, "--preset", "tiny", "--steps", "3"]).exit_code == 0
+    full = pt.state_path(a)
+    size = full.stat().st_size
+    meta = pt.slim_state(full, full, ema_only=True)
+    assert meta["model"] == "ema" and full.stat().st_size < size / 2
+    assert not any(k.startswith(("model.", "optim.")) for k in load_file(str(full)))
+    r = cli(["pretrain-phantom", "-o", a, "--preset", "tiny", "--steps", "5", "--resume"])
+    assert r.exit_code == 0, r.output
+    assert ckpt.read_metadata(a)["steps"] == 5
+
+
+def test_init_from_a_training_state_uses_its_ema(cli, tmp_path):
+    parent, child = tmp_path / "parent.safetensors", tmp_path / "child.safetensors"
+    assert cli(["pretrain-phantom", "-o", parent, "--preset", "tiny", "--steps", "3"]).exit_code == 0
+    r = cli(["pretrain-phantom", "-o", child, "--preset", "tiny", "--steps", "1", "--init", pt.state_path(parent),
+             "--lr", "1e-12", "--warmup", "0"])
+    assert r.exit_code == 0, r.output
+    p, _ = ckpt.load_prior(parent)
+    c, meta = ckpt.load_prior(child)
+    assert all(torch.allclose(a, b, atol=1e-8) for a, b in zip(p.state_dict().values(), c.state_dict().values()))
+    assert meta["init"]["steps"] == 3 and meta["init"]["file"] == "parent.state.safetensors"

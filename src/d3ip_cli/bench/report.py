@@ -23,6 +23,15 @@ TABLE_HEADER = ("case", "method", "PSNR dB", "SSIM", "z-err", "time s", "CPU s",
 """Columns of the printed and Markdown tables (see ``results.json`` ``columns`` for their meaning)."""
 
 
+def _training(prior: dict) -> str:
+    """``6250 training steps``, or for a prior trained in stages the totals over its stages."""
+    tot = prior.get("total") or {}
+    if tot.get("stages", 1) > 1:
+        return (f"{tot['steps']} training steps / {tot['images_seen']:,} phantom images in {tot['stages']} stages, "
+                f"the last {prior.get('steps')} steps")
+    return f"{prior.get('steps')} training steps"
+
+
 def _fmt(v: Any, spec: str) -> str:
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return "-"
@@ -70,7 +79,7 @@ def markdown(doc: dict[str, Any]) -> str:
     ]
     if prior:
         lines.append(f"- Prior: `{Path(str(prior.get('path'))).name}` (sha256 {str(prior.get('sha256'))[:12]}..., "
-                     f"{prior.get('steps')} training steps, preset {prior.get('preset')}).")
+                     f"{_training(prior)}, preset {prior.get('preset')}).")
     lines += [
         "- `tv` and `l1-wavelet`: `--weight` tuned on a held-out slice of the same volume (best PSNR over "
         f"{', '.join(f'{w:g}' for w in s['tune_grid'].get('tv', ()))}).",

@@ -607,7 +607,10 @@ def run_benchmark(suite: Suite | str, out_dir: str | os.PathLike, *, data: Seque
         raise UsageError("nothing to run: no case of the suite is available" + (f" ({notes[0]})" if notes else ""))
     prior_info = None
     if prior_meta is not None:
+        from d3ip_cli.prior.pretrain import totals
+
         prior_info = {k: prior_meta.get(k) for k in ("path", "sha256", "steps", "preset", "resolution", "architecture")}
+        prior_info["total"] = totals(prior_meta)  # over all training stages (--init)
 
     total = sum(len(c.methods) + sum(len(s.tune_grid.get(m, ())) for m in c.methods if m in TUNED) for c in cases)
     done = 0

@@ -24,6 +24,9 @@ def register(app: typer.Typer) -> None:
         checkpoint_every: Annotated[Optional[int], typer.Option("--checkpoint-every", help="Checkpoint every N steps.")] = None,
         threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads (default: torch's choice).")] = None,
         resume: Annotated[bool, typer.Option("--resume", help="Continue exactly from OUTPUT's training state.")] = False,
+        init: Annotated[Optional[Path], typer.Option("--init", help="Start from this prior's weights (same architecture), e.g. whole images after crops.")] = None,
+        lr: Annotated[Optional[float], typer.Option("--lr", help="AdamW learning rate (default: the preset's).")] = None,
+        warmup: Annotated[Optional[int], typer.Option("--warmup", help="Linear learning-rate warm-up steps (default: the preset's).")] = None,
         seed: SeedOpt = 0,
         device: DeviceOpt = "auto",
         overwrite: OverwriteOpt = False,
@@ -55,8 +58,14 @@ def register(app: typer.Typer) -> None:
         cfg = pt.PretrainConfig.from_preset(
             preset, resolution=resolution, steps=steps, batch_size=batch_size, seed=seed,
             crop=(None if crop == 0 else crop) if crop is not None else pt.PRESETS.get(preset, {}).get("crop"),
-            sample_every=sample_every, checkpoint_every=checkpoint_every,
+            sample_every=sample_every, checkpoint_every=checkpoint_every, lr=lr, warmup=warmup,
         )
+        if lr is not None and not lr > 0:
+            raise UsageError(f"--lr must be positive, got {lr}")
+        if warmup is not None and warmup < 0:
+            raise UsageError(f"--warmup must be non-negative, got {warmup}")
+        if init is not None and resume:
+            raise UsageError("--init starts a new run; --resume continues one from its own state (use one of them)")
         if resume:
             if not pt.state_path(output).exists():
                 raise UsageError(f"--resume: no training state {pt.state_path(output)} to continue")
@@ -107,7 +116,7 @@ def register(app: typer.Typer) -> None:
 
             t0 = time.perf_counter()
             meta = pt.train(cfg, output, resume=resume, device=dev, progress=progress, on_checkpoint=on_checkpoint,
-                            argv=list(__import__("sys").argv))
+                            argv=list(__import__("sys").argv), init=init)
         if rank != 0:
             return
         from d3ip_cli.prior import checkpoint as ckpt
@@ -115,7 +124,8 @@ def register(app: typer.Typer) -> None:
         _loss_curve(output, loss_png, cfg.preset)
         record["prior"] = str(output.resolve())
         record["prior_sha256"] = ckpt.file_sha256(output)
-        record["training"] = {k: meta.get(k) for k in ("steps", "images_seen", "wall_time_s", "loss")}
+        record["training"] = {k: meta.get(k) for k in ("steps", "images_seen", "wall_time_s", "loss",
+                                                       "images_seen_total", "init") if k in meta}
         record["training"]["this_run_s"] = round(time.perf_counter() - t0, 2)
         record.add_output(output)
         for extra in (samples_png, loss_png):

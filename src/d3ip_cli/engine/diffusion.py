@@ -576,7 +576,8 @@ def run_registered(name: str, op: LinearOperator, y: torch.Tensor, x_init: torch
         ctx.record["prior"] = meta.get("path")
         ctx.record["prior_sha256"] = meta.get("sha256")
         ctx.record["prior_info"] = {"steps": meta.get("steps"), "images_seen": meta.get("images_seen"),
-                                    "resolution": meta.get("resolution"), "preset": meta.get("preset")}
+                                    "resolution": meta.get("resolution"), "preset": meta.get("preset"),
+                                    "images_seen_total": meta.get("images_seen_total", meta.get("images_seen"))}
         ctx.record["engine"] = {"settings": s.to_dict(), "memory": mp.to_dict(), "stats": last.stats if last else {},
                                 "samples": len(images), "world_size": world_size}
         if dev.type == "cuda":

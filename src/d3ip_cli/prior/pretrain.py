@@ -188,6 +188,7 @@ def train(
     progress: Callable[[dict], None] | None = None,
     on_checkpoint: Callable[[int, UNet, dict], None] | None = None,
     argv: list[str] | None = None,
+    init: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Train (or continue training) the prior; write ``output`` (EMA weights) and its state file.
 
@@ -199,6 +200,10 @@ def train(
         progress: called every step with ``{"step", "steps", "loss", "images_per_s"}``.
         on_checkpoint: called on rank 0 after each checkpoint with (step, EMA model, metadata),
             e.g. to draw a sample grid.
+        init: start a new run (a new *stage*) from the EMA weights of this prior file, which
+            must have the same architecture: e.g. whole-image training after training on
+            crops. The parent's training summary is kept in the metadata under ``"init"``
+            (and its images in ``"images_seen_total"``); the optimiser starts fresh.
 
     Returns:
         The metadata of the final checkpoint.
@@ -215,8 +220,13 @@ def train(
     abar = schedule.alphas_cumprod().to(device)
     losses: list[float] = []
     start, wall_before = 0, 0.0
+    lineage: dict[str, Any] | None = None
 
     spath = state_path(output)
+    if init is not None and resume:
+        raise UsageError("--init starts a new run; a resumed run continues from its own state")
+    if init is not None:
+        lineage = _load_init(init, model, ema, cfg, device)
     if resume:
         if not spath.exists():
             raise InputDataError(f"--resume: no training state at {spath} (start without --resume)")
@@ -224,12 +234,16 @@ def train(
         if meta.get("identity") != _jsonable(cfg.identity()):
             raise InputDataError(f"--resume: {spath} was written with different settings; refusing to mix runs")
         try:
-            model.load_state_dict({k[6:]: v.to(device) for k, v in tensors.items() if k.startswith("model.")})
+            if any(k.startswith("model.") for k in tensors):
+                model.load_state_dict({k[6:]: v.to(device) for k, v in tensors.items() if k.startswith("model.")})
             ema.load_state_dict({k[4:]: v.to(device) for k, v in tensors.items() if k.startswith("ema.")})
         except RuntimeError as exc:
             raise InputDataError(f"--resume: {spath} does not match the architecture: {str(exc).splitlines()[0]}") from None
         _load_optimizer(opt, params, tensors)
+        if not any(k.startswith("model.") for k in tensors):  # an EMA-only slim state: live weights from the EMA
+            model.load_state_dict(ema.state_dict())
         losses = tensors["loss_history"].tolist() if "loss_history" in tensors else []
+        lineage = meta.get("init")
         start = int(meta["steps"])
         wall_before = float(meta.get("wall_time_s", 0.0))
         if start >= cfg.steps:
@@ -279,7 +293,7 @@ def train(
         done = step + 1
         if rank == 0 and (done % max(1, cfg.checkpoint_every) == 0 or done == cfg.steps):
             meta = _checkpoint(cfg, output, model, ema, opt, params, losses, done, world,
-                               wall_before + now - t0, argv)
+                               wall_before + now - t0, argv, lineage)
             if on_checkpoint is not None and (cfg.sample_every and done % cfg.sample_every == 0 or done == cfg.steps):
                 on_checkpoint(done, ema, meta)
     if world > 1:
@@ -291,6 +305,49 @@ def train(
                       dump.format(rank=rank))
         torch.distributed.barrier()
     return meta
+
+
+def _load_init(path: str | os.PathLike, model: UNet, ema: UNet, cfg: PretrainConfig,
+               device: torch.device) -> dict[str, Any]:
+    """Copy the EMA weights of a prior file (or of a training state) into ``model`` and ``ema``;
+    return the parent's training summary."""
+    if ckpt.read_metadata(path).get("format") == "d3ip-train-state":
+        tensors, meta = ckpt.load_tensors(path)
+        arch = UNetConfig.from_dict((meta.get("identity") or {}).get("architecture") or {})
+        parent = UNet(arch)
+        try:
+            parent.load_state_dict({k[4:]: v.float() for k, v in tensors.items() if k.startswith("ema.")})
+        except RuntimeError:
+            raise InputDataError(f"--init {path}: its EMA weights do not match its own architecture") from None
+        meta = dict(meta, sha256=ckpt.file_sha256(path),
+                    data={"recipe": (meta.get("identity") or {}).get("recipe", {}) | {"crop": meta["identity"].get("crop")}})
+    else:
+        parent, meta = ckpt.load_prior(path)
+    parent = parent.to(device)
+    if parent.config.to_dict() != model.config.to_dict():
+        a, b = parent.config.to_dict(), model.config.to_dict()
+        diff = ", ".join(f"{k} {a.get(k)} vs {b.get(k)}" for k in b if a.get(k) != b.get(k))
+        raise InputDataError(f"--init {path}: its architecture differs from the preset's ({diff})")
+    with torch.no_grad():
+        model.load_state_dict(parent.state_dict())
+        ema.load_state_dict(parent.state_dict())
+    keep = ("sha256", "preset", "resolution", "steps", "images_seen", "wall_time_s", "loss", "init")
+    summary = {k: meta.get(k) for k in keep if k in meta}
+    summary["crop"] = (meta.get("data") or {}).get("recipe", {}).get("crop")
+    summary["file"] = Path(path).name
+    return _jsonable(summary)
+
+
+def totals(meta: dict[str, Any]) -> dict[str, Any]:
+    """Steps, images and training wall time of a prior over all its stages (``--init`` chain)."""
+    steps, images, wall = int(meta.get("steps") or 0), int(meta.get("images_seen") or 0), float(meta.get("wall_time_s") or 0)
+    stages, parent = 1, meta.get("init")
+    while parent:
+        steps += int(parent.get("steps") or 0)
+        images += int(parent.get("images_seen") or 0)
+        wall += float(parent.get("wall_time_s") or 0)
+        stages, parent = stages + 1, parent.get("init")
+    return {"steps": steps, "images_seen": images, "wall_time_s": round(wall, 2), "stages": stages}
 
 
 def _jsonable(d: Any) -> Any:
@@ -310,7 +367,7 @@ def loss_summary(losses: list[float], window: int = 500) -> dict[str, Any]:
 
 def _checkpoint(cfg: PretrainConfig, output: str | os.PathLike, model: UNet, ema: UNet, opt: torch.optim.Optimizer,
                 params: list[nn.Parameter], losses: list[float], steps: int, world: int, wall: float,
-                argv: list[str] | None) -> dict[str, Any]:
+                argv: list[str] | None, lineage: dict[str, Any] | None = None) -> dict[str, Any]:
     meta = {
         "version": __version__,
         "schedule": schedule.schedule_metadata(),
@@ -329,6 +386,11 @@ def _checkpoint(cfg: PretrainConfig, output: str | os.PathLike, model: UNet, ema
         "wall_time_s": round(wall, 2),
         "loss": loss_summary(losses),
     }
+    if lineage:
+        meta["init"] = lineage
+        parents = totals(lineage)
+        meta["images_seen_total"] = meta["images_seen"] + parents["images_seen"]
+        meta["wall_time_s_total"] = round(wall + parents["wall_time_s"], 2)
     state = {f"model.{k}": v for k, v in model.state_dict().items()}
     state.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
     state.update(_optimizer_tensors(opt, params))
@@ -338,15 +400,19 @@ def _checkpoint(cfg: PretrainConfig, output: str | os.PathLike, model: UNet, ema
     return dict(meta, architecture=model.config.to_dict())
 
 
-def slim_state(source: str | os.PathLike, target: str | os.PathLike) -> dict[str, Any]:
+def slim_state(source: str | os.PathLike, target: str | os.PathLike, *, ema_only: bool = False) -> dict[str, Any]:
     """Copy a training state without the AdamW moments (half the size, for committing).
 
     A run resumed from a slim state continues from the same weights, EMA, step and loss
     history with fresh optimiser moments, so it is a warm start, not a bitwise continuation;
-    the header says so (``"optimizer": "reset"``).
+    the header says so (``"optimizer": "reset"``). ``ema_only`` also drops the live weights
+    (a quarter of the size); a resumed run then restarts them from the EMA (``"model": "ema"``).
     """
     tensors, meta = ckpt.load_tensors(source)
-    kept = {k: v for k, v in tensors.items() if not k.startswith("optim.")}
+    drop = ("optim.", "model.") if ema_only else ("optim.",)
+    kept = {k: v for k, v in tensors.items() if not k.startswith(drop)}
     meta = dict(meta, optimizer="reset")
+    if ema_only:
+        meta["model"] = "ema"
     ckpt.save_tensors(target, kept, meta)
     return meta
