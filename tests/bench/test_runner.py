@@ -178,3 +178,14 @@ def test_a_case_can_have_its_own_slab_size(tmp_path):
     assert sizes == {"sv30_phantom": 5, "mri4_phantom": 2}
     assert cases[0].path == cases[1].path  # one phantom, big enough for both (held-out slice included)
     assert "claims" in SUITES and {c.slices for c in SUITES["claims"].cases} == {16, None}
+
+
+def test_preset_override(tiny_prior, tmp_path):
+    with pytest.raises(UsageError, match="--preset"):
+        runner.run_benchmark(TINY, tmp_path / "bad", prior=tiny_prior, preset="turbo")
+    assert not (tmp_path / "bad").exists()
+    doc = runner.run_benchmark(TINY, tmp_path / "out", methods=["dds"], prior=tiny_prior, preset="standard",
+                               seed=0, device="cpu", isolate=False)
+    assert doc["suite"]["preset"] == "standard"
+    rows = [r for r in doc["rows"] if r["method"] == "dds"]
+    assert rows and all(r["preset"] == "standard" for r in rows)

@@ -560,6 +560,7 @@ def _check_methods(methods: Iterable[str] | None) -> list[str] | None:
 def run_benchmark(suite: Suite | str, out_dir: str | os.PathLike, *, data: Sequence[str | os.PathLike] = (),
                   methods: Sequence[str] | None = None, prior: str | None = None, seed: int = 0,
                   device: Any = "cpu", overwrite: bool = False, slices: int | None = None, grid: int | None = None,
+                  preset: str | None = None,
                   progress: Progress | None = None, log: Log | None = None,
                   argv: list[str] | None = None, isolate: bool = True) -> dict[str, Any]:
     """Run a suite and write its outputs into ``out_dir``; return the ``results.json`` document.
@@ -575,6 +576,7 @@ def run_benchmark(suite: Suite | str, out_dir: str | os.PathLike, *, data: Seque
         methods: replaces the suite's methods (each still skipped where it does not apply).
         prior: prior file of the diffusion methods (default: the bundled prior).
         slices, grid: override the suite's slab size and in-plane grid.
+        preset: override the suite's diffusion preset (fast, standard, paper).
         progress: ``progress(done, total, {"stage", "case", "method"})`` per run.
         log: receives one line per finished run.
         isolate: run each (case, method) in a fresh process (per-run peak memory);
@@ -592,6 +594,12 @@ def run_benchmark(suite: Suite | str, out_dir: str | os.PathLike, *, data: Seque
             raise UsageError(f"--grid must be at least 8 (got {grid})")
         cases = s.cases if slices is None else tuple(dataclasses.replace(c, slices=None) for c in s.cases)
         s = dataclasses.replace(s, slices=slices or s.slices, grid=grid or s.grid, cases=cases)
+    if preset is not None:
+        from d3ip_cli.engine.diffusion import PRESETS as DIFFUSION_PRESETS
+
+        if preset not in DIFFUSION_PRESETS:
+            raise UsageError(f"--preset {preset!r}: expected one of {', '.join(DIFFUSION_PRESETS)}")
+        s = dataclasses.replace(s, preset=preset)
     wanted = _check_methods(methods)
     candidates = set(wanted or [m for c in s.cases for m in (c.methods or s.methods)]
                      + (list(s.data_methods or s.methods) if data else []))

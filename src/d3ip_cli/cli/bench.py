@@ -53,6 +53,8 @@ def register(app: typer.Typer) -> None:
         slices: Annotated[Optional[int], typer.Option("--slices", help="Slab size (slices per case), overriding "
                                                                        "the suite's.")] = None,
         grid: Annotated[Optional[int], typer.Option("--grid", help="In-plane grid N x N, overriding the suite's.")] = None,
+        preset: Annotated[Optional[str], typer.Option("--preset", help="Diffusion preset (fast, standard, paper), "
+                                                                       "overriding the suite's.")] = None,
         json_out: Annotated[bool, typer.Option("--json", help="Print results.json as one JSON object on stdout "
                                                               "(the table then goes to stderr).")] = False,
         seed: SeedOpt = 0,
@@ -83,7 +85,7 @@ def register(app: typer.Typer) -> None:
         method_list = [m for m in methods.split(",")] if methods is not None else None
         with progress_bar("benchmark", disable=not err_console.is_terminal) as cb:  # plain logs: one line a run
             doc = run_benchmark(suite, output, data=[str(p) for p in (data or [])], methods=method_list, prior=prior,
-                                seed=seed, device=dev, overwrite=overwrite, slices=slices, grid=grid, progress=cb,
+                                seed=seed, device=dev, overwrite=overwrite, slices=slices, grid=grid, preset=preset, progress=cb,
                                 log=log, argv=["d3ip", *sys.argv[1:]])
         _print_table(doc, to_stderr=json_out)
         for note in doc.get("notes", []):
