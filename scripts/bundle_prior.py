@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from d3ip_cli.prior import checkpoint as ckpt
+from d3ip_cli.prior.pretrain import totals
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ema-only", action="store_true",
                     help="also drop the live weights from the state (a quarter of its size; resume restarts them from the EMA)")
     args = ap.parse_args(argv)
+    if args.ema_only and args.keep_full_state:
+        ap.error("--ema-only slims the state; --keep-full-state keeps it: use one of them")
     model, meta = ckpt.load_prior(args.source)
     weights = ROOT / "src/d3ip_cli/prior/weights"
     weights.mkdir(parents=True, exist_ok=True)
@@ -61,8 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         "images_per_s": round(meta["images_seen"] / meta["wall_time_s"], 2) if meta.get("wall_time_s") else None,
         "loss": meta.get("loss"),
         "init": meta.get("init"),
-        "images_seen_total": meta.get("images_seen_total", meta.get("images_seen")),
-        "training_wall_time_s_total": meta.get("wall_time_s_total", meta.get("wall_time_s")),
+        "total": totals(meta),  # steps, images and wall time over all training stages
         "architecture": meta.get("architecture"),
         "parameters": sum(p.numel() for p in model.parameters()),
         "data": meta.get("data"),

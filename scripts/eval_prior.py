@@ -334,8 +334,9 @@ def csv_row(res: dict[str, Any]) -> dict[str, Any]:
 
 
 def append_csv(path: str | os.PathLike, row: dict[str, Any]) -> None:
-    """Append ``row``; write the header for a new file. A row with columns the file lacks
-    rewrites the file with the union of the columns (earlier rows leave them empty)."""
+    """Append ``row``; write the header for a new file. A row with other noise levels (``--ts``)
+    is refused; one with other new columns rewrites the file with the union of the columns
+    (earlier rows leave them empty)."""
     from d3ip_cli.io.atomic import atomic_output
 
     p = Path(path)
@@ -346,6 +347,10 @@ def append_csv(path: str | os.PathLike, row: dict[str, Any]) -> None:
             reader = csv.DictReader(fh)
             header = list(reader.fieldnames or [])
             rows = list(reader)
+    per_t = lambda cols: {c for c in cols if c.startswith(("psnr_prior_t", "psnr_tv_t", "tv_weight_t"))}  # noqa: E731
+    if header and per_t(header) != per_t(row):
+        raise ValueError(f"{p} has the noise levels {sorted(per_t(header))}, this evaluation writes "
+                         f"{sorted(per_t(row))} (other --ts?); use another --csv file")
     if header and set(row) <= set(header):
         with open(p, "a", newline="") as fh:
             csv.DictWriter(fh, fieldnames=header, restval="").writerow(row)
@@ -470,6 +475,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if min(args.n, args.tune_n, args.batch, args.n_samples, args.sample_steps) < 1:
         print("eval_prior: --n, --tune-n, --batch, --n-samples and --sample-steps must be positive", file=sys.stderr)
         return 2
+    if args.csv and Path(args.csv).is_file() and Path(args.csv).stat().st_size > 0:
+        with open(args.csv, newline="") as fh:
+            have = {c[len("psnr_prior_t"):] for c in next(csv.reader(fh), []) if c.startswith("psnr_prior_t")}
+        if have and have != {str(t) for t in args.ts}:  # refuse before spending minutes on the evaluation
+            print(f"eval_prior: {args.csv} holds the noise levels t = {', '.join(sorted(have, key=int))}; "
+                  "evaluate the same --ts or use another --csv file", file=sys.stderr)
+            return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
@@ -480,10 +492,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"eval_prior: {exc}", file=sys.stderr)
         return 2
     if args.csv:
-        append_csv(args.csv, csv_row(res))
-        res["csv"] = str(args.csv)
-        if args.plot:
-            res["plot"] = str(plot_csv(args.csv, args.plot))
+        try:
+            append_csv(args.csv, csv_row(res))
+            res["csv"] = str(args.csv)
+            if args.plot:
+                res["plot"] = str(plot_csv(args.csv, args.plot))
+        except ValueError as exc:
+            print(f"eval_prior: {exc}", file=sys.stderr)
+            return 2
     if args.json:
         print(json.dumps(res))
     else:

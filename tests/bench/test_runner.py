@@ -186,6 +186,6 @@ def test_preset_override(tiny_prior, tmp_path):
     assert not (tmp_path / "bad").exists()
     doc = runner.run_benchmark(TINY, tmp_path / "out", methods=["dds"], prior=tiny_prior, preset="standard",
                                seed=0, device="cpu", isolate=False)
-    assert doc["suite"]["preset"] == "standard"
+    assert doc["suite"]["preset"] == "standard" and "this run overrides: preset standard" in doc["suite"]["description"]
     rows = [r for r in doc["rows"] if r["method"] == "dds"]
     assert rows and all(r["preset"] == "standard" for r in rows)

@@ -65,3 +65,15 @@ def test_eval_prior_missing_prior_is_a_clear_error(tmp_path, capsys):
     ev = _load_script()
     assert ev.main([tmp_path / "nope.safetensors"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_eval_prior_refuses_other_noise_levels_in_a_csv(tiny_prior, tmp_path, capsys):
+    ev = _load_script()
+    csv_path = tmp_path / "q.csv"
+    common = [tiny_prior, "--n", 2, "--size", 32, "--tune-n", 2, "--threads", 1, "--quiet", "--recon-slices", 0,
+              "--csv", csv_path]
+    assert ev.main([*common, "--ts", 200]) == 0
+    before = csv_path.read_text()
+    assert ev.main([*common, "--ts", 100, "--plot", tmp_path / "q.png"]) == 2
+    assert "noise levels" in capsys.readouterr().err
+    assert csv_path.read_text() == before and not (tmp_path / "q.png").exists()

@@ -50,7 +50,7 @@ def test_resume_with_other_settings_refused(cli, tmp_path):
     a = tmp_path / "a.safetensors"
     assert cli(["pretrain-phantom", "-o", a, "--preset", "tiny", "--steps", "2"]).exit_code == 0
     r = cli(["pretrain-phantom", "-o", a, "--preset", "tiny", "--steps", "4", "--resume", "--seed", "9"])
-    assert r.exit_code == 3 and "different settings" in r.output
+    assert r.exit_code == 3 and "different settings (seed 0 (now 9))" in r.output
 
 
 def test_pickle_prior_refused(tmp_path):
@@ -159,11 +159,13 @@ def test_init_starts_a_new_stage_from_a_prior(cli, tmp_path):
     assert meta["init"]["sha256"] == ckpt.file_sha256(parent) and meta["init"]["steps"] == 4
     assert meta["data"]["recipe"]["crop"] == 16 and meta["init"]["crop"] is None
     assert meta["images_seen_total"] == 2 * 8 + 4 * 8
+    assert meta["data_step_offset"] == 4  # its phantoms follow the parent's, never repeat them
     r = cli(["pretrain-phantom", "-o", child, "--preset", "tiny", "--steps", "3", "--crop", "16",
              "--lr", "1e-12", "--warmup", "0", "--resume"])
     assert r.exit_code == 0, r.output
     meta = ckpt.read_metadata(child)
     assert meta["steps"] == 3 and meta["images_seen_total"] == 3 * 8 + 4 * 8 and meta["init"]["steps"] == 4
+    assert meta["data_step_offset"] == 4
 
 
 def test_init_refuses_another_architecture_and_resume(cli, tmp_path):

@@ -600,6 +600,9 @@ def run_benchmark(suite: Suite | str, out_dir: str | os.PathLike, *, data: Seque
         if preset not in DIFFUSION_PRESETS:
             raise UsageError(f"--preset {preset!r}: expected one of {', '.join(DIFFUSION_PRESETS)}")
         s = dataclasses.replace(s, preset=preset)
+    overrides = [f"{k} {v}" for k, v in (("slices", slices), ("grid", grid), ("preset", preset)) if v is not None]
+    if overrides:  # the suite's description names its own settings: say what this run changed
+        s = dataclasses.replace(s, description=f"{s.description} (this run overrides: {', '.join(overrides)})")
     wanted = _check_methods(methods)
     candidates = set(wanted or [m for c in s.cases for m in (c.methods or s.methods)]
                      + (list(s.data_methods or s.methods) if data else []))

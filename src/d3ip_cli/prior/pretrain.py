@@ -221,18 +221,25 @@ def train(
     losses: list[float] = []
     start, wall_before = 0, 0.0
     lineage: dict[str, Any] | None = None
+    # a stage started with --init draws its phantoms after its parents' (same seed, later steps),
+    # so it never repeats them; stored in the state so --resume continues the same stream
+    data_offset = 0
 
     spath = state_path(output)
     if init is not None and resume:
         raise UsageError("--init starts a new run; a resumed run continues from its own state")
     if init is not None:
         lineage = _load_init(init, model, ema, cfg, device)
+        data_offset = totals(lineage)["steps"]
     if resume:
         if not spath.exists():
             raise InputDataError(f"--resume: no training state at {spath} (start without --resume)")
         tensors, meta = ckpt.load_tensors(spath)
         if meta.get("identity") != _jsonable(cfg.identity()):
-            raise InputDataError(f"--resume: {spath} was written with different settings; refusing to mix runs")
+            theirs, ours = meta.get("identity") or {}, _jsonable(cfg.identity())
+            diff = ", ".join(f"{k} {theirs.get(k)!r} (now {ours.get(k)!r})" for k in ours if theirs.get(k) != ours.get(k))
+            raise InputDataError(f"--resume: {spath} was written with different settings ({diff}); "
+                                 "refusing to mix runs")
         try:
             if any(k.startswith("model.") for k in tensors):
                 model.load_state_dict({k[6:]: v.to(device) for k, v in tensors.items() if k.startswith("model.")})
@@ -244,6 +251,7 @@ def train(
             model.load_state_dict(ema.state_dict())
         losses = tensors["loss_history"].tolist() if "loss_history" in tensors else []
         lineage = meta.get("init")
+        data_offset = int(meta.get("data_step_offset", 0))
         start = int(meta["steps"])
         wall_before = float(meta.get("wall_time_s", 0.0))
         if start >= cfg.steps:
@@ -262,7 +270,7 @@ def train(
     meta: dict[str, Any] = {}
     model.train()
     for step in range(start, cfg.steps):
-        g = _step_generator(cfg.seed, step, rank, device)
+        g = _step_generator(cfg.seed, data_offset + step, rank, device)
         x0 = phantoms.training_batch(cfg.batch_size, cfg.resolution, generator=g, recipe=cfg.recipe_full()) * 2 - 1
         t = torch.randint(0, schedule.NUM_STEPS, (x0.shape[0],), generator=g, device=device)
         noise = torch.randn(x0.shape, generator=g, device=device)
@@ -293,7 +301,7 @@ def train(
         done = step + 1
         if rank == 0 and (done % max(1, cfg.checkpoint_every) == 0 or done == cfg.steps):
             meta = _checkpoint(cfg, output, model, ema, opt, params, losses, done, world,
-                               wall_before + now - t0, argv, lineage)
+                               wall_before + now - t0, argv, lineage, data_offset)
             if on_checkpoint is not None and (cfg.sample_every and done % cfg.sample_every == 0 or done == cfg.steps):
                 on_checkpoint(done, ema, meta)
     if world > 1:
@@ -367,7 +375,8 @@ def loss_summary(losses: list[float], window: int = 500) -> dict[str, Any]:
 
 def _checkpoint(cfg: PretrainConfig, output: str | os.PathLike, model: UNet, ema: UNet, opt: torch.optim.Optimizer,
                 params: list[nn.Parameter], losses: list[float], steps: int, world: int, wall: float,
-                argv: list[str] | None, lineage: dict[str, Any] | None = None) -> dict[str, Any]:
+                argv: list[str] | None, lineage: dict[str, Any] | None = None,
+                data_offset: int = 0) -> dict[str, Any]:
     meta = {
         "version": __version__,
         "schedule": schedule.schedule_metadata(),
@@ -391,6 +400,8 @@ def _checkpoint(cfg: PretrainConfig, output: str | os.PathLike, model: UNet, ema
         parents = totals(lineage)
         meta["images_seen_total"] = meta["images_seen"] + parents["images_seen"]
         meta["wall_time_s_total"] = round(wall + parents["wall_time_s"], 2)
+    if data_offset:
+        meta["data_step_offset"] = data_offset
     state = {f"model.{k}": v for k, v in model.state_dict().items()}
     state.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
     state.update(_optimizer_tensors(opt, params))
