@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup system-deps demo test test-fast bench bench-quick bench-claims prior-eval clean
+.PHONY: setup system-deps demo test test-fast bench bench-quick bench-claims bench-claims-standard prior-eval clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -44,6 +44,10 @@ bench-quick: setup
 # issue 5's quality claims at a CPU user's settings (128x128, fast preset; ~20 min)
 bench-claims: setup
 	$(BIN)/d3ip benchmark --suite claims -o docs/claims --overwrite
+
+# the same claims at the paper's sampler settings (standard preset), at 64x64 to fit a CPU (~50 min)
+bench-claims-standard: setup
+	$(BIN)/d3ip benchmark --suite claims --preset standard --grid 64 -o docs/claims_standard_64 --overwrite
 
 # quality of the bundled prior against a tuned TV denoiser (appends to the committed curve)
 prior-eval: setup

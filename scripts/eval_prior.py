@@ -396,7 +396,7 @@ def plot_csv(csv_path: str | os.PathLike, out: str | os.PathLike) -> Path:
     ts = [c[len("psnr_prior_t"):] for c in rows[0] if c.startswith("psnr_prior_t")]
     xs = [float(r["images_seen"]) for r in rows]
     recon = [r for r in rows if r.get("recon_psnr_dds")]
-    fig, axes = plt.subplots(1, 2 if recon else 1, figsize=(11.5 if recon else 6.4, 4), squeeze=False)
+    fig, axes = plt.subplots(1, 2 if recon else 1, figsize=(11.5 if recon else 6.4, 4), squeeze=False, sharex=True)
     ax = axes[0, 0]
     for i, t in enumerate(ts):
         color = f"C{i}"
@@ -413,10 +413,10 @@ def plot_csv(csv_path: str | os.PathLike, out: str | os.PathLike) -> Path:
         bx.set_ylabel("reconstruction PSNR (dB)")
         bx.set_title(f"sparse-view 30 views, {recon[-1].get('recon_slices')}-slice phantom volume, fast preset",
                      fontsize=9)
+    if len(xs) > 1 and min(xs) > 0 and max(xs) / min(xs) > 20:
+        ax.set_xscale("log")  # shared by both panels
     for a in axes[0]:
         a.set_xlabel("images seen in training (all stages)")
-        if len(xs) > 1 and min(xs) > 0 and max(xs) / min(xs) > 20:
-            a.set_xscale("log")
         for x_stage in _stage_starts(rows):
             a.axvline(x_stage, color="k", lw=0.8, ls="-.", alpha=0.5)
         a.grid(alpha=0.3)
