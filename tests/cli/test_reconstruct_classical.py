@@ -168,3 +168,55 @@ def test_planned_diffusion_method_is_not_pretended(cli, anatomy, tmp_path, monke
     monkeypatch.setattr(M, "METHOD_MODULES", [])
     r = cli(["reconstruct", anatomy, "--task", "sparse-view", "-o", tmp_path / "o.nii.gz"])
     assert r.exit_code == 6 and "not available" in r.stderr
+
+
+def test_overwrite_never_deletes_a_users_folder(cli, ct_slice, tmp_path):
+    folder = tmp_path / "results"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("important")
+    r = cli(["reconstruct", ct_slice, "--task", "sparse-view", "--method", "fbp", "-o", folder, "--overwrite"])
+    assert r.exit_code == 4 and "did not write (notes.txt)" in r.output
+    assert (folder / "notes.txt").read_text() == "important"
+    # a DICOM series d3ip wrote is replaced
+    series = tmp_path / "series"
+    args = ["reconstruct", ct_slice, "--task", "sparse-view", "--method", "fbp", "-o", series, "--format", "dicom"]
+    assert cli(args).exit_code == 0
+    assert cli([*args, "--overwrite"]).exit_code == 0 and any(series.glob("*.dcm"))
+
+
+@pytest.mark.parametrize("extra, code, text", [
+    (["--format", "jpeg"], 2, "--format"),
+    (["-o", "{tmp}/b.jpg"], 2, "unsupported volume format"),
+    (["--report", "{tmp}/r.jpg"], 2, "PNG"),
+    (["-o", "/proc/x.nii.gz"], 4, "cannot write in output folder"),
+    (["-o", "{tmp}/CT_small.dcm/x.nii.gz"], 4, "is a file, not a folder"),
+])
+def test_bad_outputs_fail_before_the_reconstruction(cli, ct_slice, tmp_path, extra, code, text):
+    extra = [str(e).format(tmp=tmp_path) for e in extra]
+    r = cli(["reconstruct", ct_slice, "--task", "sparse-view", "--method", "fbp", *extra])
+    assert r.exit_code == code, r.output
+    assert text in r.output and "fbp:" not in r.output  # no progress: nothing was reconstructed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["CT_small.dcm"]
+
+
+def test_a_failed_write_leaves_nothing(cli, ct_slice, tmp_path, monkeypatch):
+    import d3ip_cli.io.volumes as volumes
+    from d3ip_cli.core.errors import OutputError
+
+    def fail(*a, **k):
+        raise OutputError("cannot write: disk full (simulated)")
+
+    monkeypatch.setattr(volumes, "write_volume", fail)
+    out, report = tmp_path / "r.nii.gz", tmp_path / "r.png"
+    r = cli(["reconstruct", ct_slice, "--task", "sparse-view", "--method", "fbp", "-o", out, "--report", report])
+    assert r.exit_code == 4, r.output
+    assert not out.exists() and not report.exists()  # the report written first was removed again
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["CT_small.dcm"]
+
+
+def test_a_text_file_named_h5_is_an_unreadable_measurement(cli, tmp_path):
+    fake = tmp_path / "fake.h5"
+    fake.write_text("hello")
+    for extra in ([], ["--task", "sparse-view", "--method", "fbp"]):
+        r = cli(["reconstruct", fake, *extra])
+        assert r.exit_code == 3 and "not a readable HDF5 file" in r.output, r.output

@@ -75,3 +75,9 @@ def test_missing_input_and_existing_output(cli, anatomy, tmp_path):
     (tmp_path / "m.h5").write_text("x")
     r = cli(["simulate", anatomy, "-o", tmp_path / "m.h5", "--task", "sparse-view"])
     assert r.exit_code == 4 and "--overwrite" in r.stderr
+
+
+def test_output_must_be_named_as_hdf5(cli, anatomy, tmp_path):
+    r = cli(["simulate", anatomy, "-o", tmp_path / "m.nii.gz", "--task", "cs-mri"])
+    assert r.exit_code == 2 and ".h5" in r.stderr
+    assert not (tmp_path / "m.nii.gz").exists()

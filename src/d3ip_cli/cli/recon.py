@@ -135,6 +135,12 @@ def register(app: typer.Typer) -> None:
             out_format = cfg.format or out_format
         else:
             out_path, out_format = output, cfg.format
+        from d3ip_cli.core.errors import UsageError
+        from d3ip_cli.io.volumes import detect_format
+
+        detect_format(out_path, out_format)  # a bad --format or suffix fails now, not after the reconstruction
+        if report is not None and not str(report).lower().endswith(".png"):
+            raise UsageError(f"--report {report}: the report is a PNG image; give a name ending in .png")
         check_output(out_path, overwrite)
         if report is not None:
             check_output(report, overwrite)

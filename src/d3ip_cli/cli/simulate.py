@@ -77,6 +77,11 @@ def register(app: typer.Typer) -> None:
                                           center_fraction=center_fraction, coils=coils, backend=backend, noise=noise,
                                           i0=i0, sigma=sigma, slices=slices, grid=grid, series=series, frame=frame,
                                           seed=seed)
+        from d3ip_cli.core.errors import UsageError
+        from d3ip_cli.io.measurement import MEASUREMENT_SUFFIXES
+
+        if not str(output).lower().endswith(MEASUREMENT_SUFFIXES):
+            raise UsageError(f"-o {output}: a measurement is written as HDF5; give a name ending in .h5")
         dev = resolve_device(device)
         check_output(output, overwrite)
         record = RunRecord("simulate")

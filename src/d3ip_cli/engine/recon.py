@@ -452,34 +452,48 @@ def default_output_path(input_path: str | os.PathLike, method: str, task: str) -
 def write_result(result: ReconResult, output: str | os.PathLike, *, overwrite: bool = False,
                  format: str | None = None, record: Any = None, report: str | os.PathLike | None = None,
                  uid_seed: str = "") -> Path:
-    """Write the output volume (and the report); add them to ``record``; return the output path.
+    """Write the report, the output volume and its uncertainty map; add them to ``record``;
+    return the output path.
 
+    All or nothing: when one of them cannot be written, those already written by this call
+    are removed again, so a failed run never leaves an output that looks complete. The report
+    goes first so that a bad ``--report`` path fails before an existing output is replaced.
     The run record sidecar itself is written by the caller once the record is finished
     (:func:`write_record`).
     """
+    from d3ip_cli.io.atomic import _remove
     from d3ip_cli.io.volumes import D3ipWarning, write_volume
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", D3ipWarning)
-        path = write_volume(result.volume, output, format=format, overwrite=overwrite,
-                            description=result.volume.meta.get("description"), uid_seed=uid_seed)
+    written: list[Path] = []
+    try:
+        if report is not None:
+            written.append(write_report(result, report, overwrite=True))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", D3ipWarning)
+            path = write_volume(result.volume, output, format=format, overwrite=overwrite,
+                                description=result.volume.meta.get("description"), uid_seed=uid_seed)
+        written.append(Path(path))
+        spath = None
+        if result.std is not None:
+            spath = std_output_path(path)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", D3ipWarning)
+                write_volume(result.std, spath, format=format, overwrite=overwrite,
+                             description=result.std.meta.get("description"), uid_seed=uid_seed + "|std")
+            written.append(Path(spath))
+    except BaseException:
+        for w in written:
+            _remove(w)
+        raise
     if record is not None:
         for w in caught:
             if issubclass(w.category, D3ipWarning):
                 record.warn(str(w.message))
         record.add_output(path)
-    if result.std is not None:
-        spath = std_output_path(path)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", D3ipWarning)
-            write_volume(result.std, spath, format=format, overwrite=overwrite,
-                         description=result.std.meta.get("description"), uid_seed=uid_seed + "|std")
-        if record is not None:
+        if spath is not None:
             record.add_output(spath, role="uncertainty")
             record["uncertainty_output"] = str(Path(spath).resolve())
-    if report is not None:
-        write_report(result, report, overwrite=True)
-        if record is not None:
+        if report is not None:
             record.add_output(report, role="report")
     return Path(path)
 

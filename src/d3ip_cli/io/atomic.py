@@ -21,12 +21,27 @@ from d3ip_cli.core.errors import OutputError
 PARTIAL_PREFIX = ".d3ip-partial-"
 
 
+REPLACEABLE_IN_FOLDERS = (".dcm", ".json")
+"""What a folder written by d3ip holds (a DICOM series and its record): ``--overwrite``
+replaces a folder only when it holds nothing else, so it never deletes a user's files."""
+
+
 def check_output(path: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Fail early (exit 4) when ``path`` exists without ``overwrite`` or its folder is unwritable."""
+    """Fail early (exit 4) when ``path`` exists without ``overwrite``, is a folder holding files
+    d3ip did not write, or its folder is unwritable (probed with a real file, so read-only
+    file systems are caught before any work is done)."""
     p = Path(path)
     if p.exists() and not overwrite:
         raise OutputError(f"output {p} exists (use --overwrite to replace it)")
+    if p.is_dir() and not p.is_symlink():
+        foreign = [c.name for c in p.iterdir()
+                   if not (c.is_file() and c.name.lower().endswith(REPLACEABLE_IN_FOLDERS))]
+        if foreign:
+            raise OutputError(f"output {p} is a folder holding files d3ip did not write ({', '.join(sorted(foreign)[:3])}"
+                              f"{', ...' if len(foreign) > 3 else ''}); not replacing it, even with --overwrite")
     parent = p.parent if str(p.parent) else Path(".")
+    if parent.exists() and not parent.is_dir():
+        raise OutputError(f"output folder {parent} is a file, not a folder")
     if not parent.exists():
         try:
             parent.mkdir(parents=True, exist_ok=True)
@@ -34,6 +49,12 @@ def check_output(path: str | os.PathLike, overwrite: bool = False) -> Path:
             raise OutputError(f"cannot create output folder {parent}: {exc.strerror or exc}") from None
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputError(f"output folder {parent} is not writable")
+    probe = parent / f"{PARTIAL_PREFIX}probe-{uuid.uuid4().hex[:8]}"
+    try:
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        raise OutputError(f"cannot write in output folder {parent}: {exc.strerror or exc}") from None
     return p
 
 

@@ -138,10 +138,12 @@ class Measurement:
 
 
 def is_measurement_path(path: str | os.PathLike) -> bool:
-    """True for an existing HDF5 file (by suffix or signature)."""
+    """True for a path named like a measurement (``.h5`` ...) or a file with the HDF5 signature."""
     p = Path(path)
     if not p.is_file():
         return p.name.lower().endswith(MEASUREMENT_SUFFIXES)
+    if p.name.lower().endswith(MEASUREMENT_SUFFIXES):
+        return True  # named as one: a file that is not HDF5 fails as an unreadable measurement (exit 3)
     try:
         with open(p, "rb") as fh:
             return fh.read(8) == b"\x89HDF\r\n\x1a\n"
