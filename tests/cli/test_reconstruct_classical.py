@@ -220,3 +220,12 @@ def test_a_text_file_named_h5_is_an_unreadable_measurement(cli, tmp_path):
     for extra in ([], ["--task", "sparse-view", "--method", "fbp"]):
         r = cli(["reconstruct", fake, *extra])
         assert r.exit_code == 3 and "not a readable HDF5 file" in r.output, r.output
+
+
+def test_acquisition_options_on_a_measurement_file_are_reported_as_ignored(cli, ct_slice, tmp_path):
+    meas = tmp_path / "m.h5"
+    assert cli(["simulate", ct_slice, "-o", meas, "--task", "sparse-view", "--views", "30"]).exit_code == 0
+    doc = _run(cli, [meas, "--method", "cgls", "--views", "90", "-o", tmp_path / "r.nii.gz"])
+    assert any("--views ignored" in w for w in doc["warnings"])
+    doc = _run(cli, [meas, "--method", "cgls", "-o", tmp_path / "r2.nii.gz"])
+    assert not any("ignored" in w for w in doc["warnings"])

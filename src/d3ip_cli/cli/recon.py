@@ -36,10 +36,16 @@ from d3ip_cli.cli._common import (
 )
 
 
+ACQUISITION_OPTIONS = ("views", "arc", "acceleration", "mask", "center_fraction", "coils", "noise", "i0", "sigma",
+                       "slices", "grid", "series", "frame")
+"""Options that describe how to simulate from an image volume; a measurement file overrides them."""
+
+
 def register(app: typer.Typer) -> None:
     @app.command("reconstruct")
     @guarded
     def reconstruct(
+        ctx: typer.Context,
         input: Annotated[Path, typer.Argument(help="Image volume (+ --task: retrospective study) or measurement "
                                                    "file (.h5: d3ip, fastMRI or ISMRMRD).")],
         output: OutputOpt = None,
@@ -147,6 +153,13 @@ def register(app: typer.Typer) -> None:
 
         record = RunRecord("reconstruct")
         record.add_input(input)
+        if is_measurement_path(input):  # the file fixes the acquisition: say which options it overrides
+            given = {n for n in ACQUISITION_OPTIONS
+                     if getattr(ctx.get_parameter_source(n), "name", None) == "COMMANDLINE"}
+            ignored = [f"--{n.replace('_', '-')}" for n in ACQUISITION_OPTIONS if n in given]
+            if ignored:
+                record.warn(f"{', '.join(ignored)} ignored: {input.name} is a measurement file, which fixes the "
+                            "acquisition and the image grid")
         if reference is not None:
             record.add_input(reference, role="reference")
         with progress_bar(cfg.method, disable=rank != 0) as cb:
