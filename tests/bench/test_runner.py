@@ -189,3 +189,12 @@ def test_preset_override(tiny_prior, tmp_path):
     assert doc["suite"]["preset"] == "standard" and "this run overrides: preset standard" in doc["suite"]["description"]
     rows = [r for r in doc["rows"] if r["method"] == "dds"]
     assert rows and all(r["preset"] == "standard" for r in rows)
+
+
+def test_unreadable_data_leaves_no_results_folder(tmp_path):
+    fake = tmp_path / "fake.nii.gz"
+    fake.write_text("not a volume")
+    for data, exc in (([tmp_path / "nope.nii.gz"], "no such file"), ([fake], "not a readable NIfTI")):
+        with pytest.raises(Exception, match=exc):
+            runner.run_benchmark(TINY, tmp_path / "out", data=data, methods=["fbp"], isolate=False)
+        assert not (tmp_path / "out").exists()

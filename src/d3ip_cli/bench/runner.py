@@ -35,6 +35,7 @@ import os
 import platform
 import re
 import resource
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -610,10 +611,17 @@ def run_benchmark(suite: Suite | str, out_dir: str | os.PathLike, *, data: Seque
         get_method(m)  # planned-but-missing methods fail now, not after an hour
     # everything that can be checked is checked before the results folder is touched
     prior_meta = _load_prior(prior, device) if any(not get_method(m).classical for m in candidates) else None
+    data_volumes(data)  # a missing --data path fails here
     out = Path(out_dir)
+    existed = out.exists()
     _prepare_dir(out, overwrite)
     say = log or (lambda _msg: None)
-    cases, notes = plan_cases(s, out, data=data, methods=wanted, seed=seed)
+    try:
+        cases, notes = plan_cases(s, out, data=data, methods=wanted, seed=seed)
+    except BaseException:
+        if not existed:  # e.g. an unreadable --data volume: leave no half-made results folder behind
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     if not cases:
         raise UsageError("nothing to run: no case of the suite is available" + (f" ({notes[0]})" if notes else ""))
     prior_info = None
