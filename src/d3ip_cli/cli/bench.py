@@ -43,7 +43,8 @@ def register(app: typer.Typer) -> None:
         output: Annotated[Path, typer.Option("-o", "--output", help="Results folder (created).")],
         suite: Annotated[str, typer.Option(
             "--suite", help="quick (CPU, < 20 min), claims (the engine's quality claims at 128x128; ~20 min "
-                            "CPU), standard, or paper (GPU).")] = "quick",
+                            "CPU), standard, paper (GPU), or smoke (a seconds-long check that the machinery works; "
+                            "its numbers mean nothing).")] = "quick",
         data: Annotated[Optional[list[Path]], typer.Option("--data", metavar="PATH", help="Extra volume to benchmark on "
                                                                           "(repeatable; out of distribution).")] = None,
         methods: Annotated[Optional[str], typer.Option("--methods", help="Comma-separated methods replacing the "

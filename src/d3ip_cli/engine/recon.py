@@ -389,7 +389,7 @@ def reconstruct(input_path: str | os.PathLike, cfg: ReconConfig, *, device: torc
         problem = load_problem(input_path, cfg, device=device, reference_path=reference_path, progress=progress)
     with stage("reconstruct"):
         x, x_init = run_method(problem, cfg, device=device, progress=progress, record=record)
-    desc = f"d3ip {cfg.method} {problem.task}"
+    desc = " ".join(dict.fromkeys(("d3ip", cfg.method, problem.task)))  # "d3ip d3ip ..." said once
     out = to_volume(x, problem, desc)
     initial = to_volume(x_init, problem, f"d3ip initial estimate {problem.task}")
     if problem.from_file and cfg.grid:
@@ -530,17 +530,24 @@ def write_report(result: ReconResult, path: str | os.PathLike, *, overwrite: boo
         rows += [("reference", ref), ("error", result.volume.data - ref)]
     lo, hi = np.percentile(ref if ref is not None else result.volume.data, [0.5, 99.5])
     err_scale = max(float(hi - lo) * 0.25, 1e-6)
-    fig, axes = plt.subplots(len(rows), 3, figsize=(8, 2.6 * len(rows)), squeeze=False)
+    # through-plane views only when there is a through-plane extent; pixels drawn at their
+    # physical aspect (slice spacing against in-plane spacing)
+    sz, sh, sw = (float(v) or 1.0 for v in result.volume.spacing)
+    views_of = (("axial", lambda v: v[v.shape[0] // 2], sh / sw),
+                ("coronal", lambda v: v[:, v.shape[1] // 2, :], sz / sw),
+                ("sagittal", lambda v: v[:, :, v.shape[2] // 2], sz / sh))
+    if result.volume.data.shape[0] < 2:
+        views_of = views_of[:1]
+    fig, axes = plt.subplots(len(rows), len(views_of), figsize=(2.8 * len(views_of) + 0.4, 2.6 * len(rows)),
+                             squeeze=False)
     for r, (label, vol) in enumerate(rows):
-        z, h, w = vol.shape
-        views = (vol[z // 2], vol[:, h // 2, :], vol[:, :, w // 2])
-        for c, (img, view) in enumerate(zip(views, ("axial", "coronal", "sagittal"))):
+        for c, (view, cut, aspect) in enumerate(views_of):
             ax = axes[r, c]
             ax.axis("off")
             if label == "error":
-                ax.imshow(img, cmap="RdBu_r", vmin=-err_scale, vmax=err_scale, aspect="auto")
+                ax.imshow(cut(vol), cmap="RdBu_r", vmin=-err_scale, vmax=err_scale, aspect=aspect)
             else:
-                ax.imshow(img, cmap="gray", vmin=lo, vmax=hi, aspect="auto")
+                ax.imshow(cut(vol), cmap="gray", vmin=lo, vmax=hi, aspect=aspect)
             ax.set_title(f"{label} ({view})", fontsize=8)
     m = result.metrics
     title = f"{result.volume.meta.get('description', '')}"
