@@ -229,3 +229,16 @@ def test_acquisition_options_on_a_measurement_file_are_reported_as_ignored(cli, 
     assert any("--views ignored" in w for w in doc["warnings"])
     doc = _run(cli, [meas, "--method", "cgls", "-o", tmp_path / "r2.nii.gz"])
     assert not any("ignored" in w for w in doc["warnings"])
+
+
+def test_a_constant_volume(cli, tmp_path):
+    ones = tmp_path / "ones.npy"
+    np.save(ones, np.ones((3, 32, 32), np.float32))
+    # as the input: reconstructed, with a warning instead of metrics
+    doc = _run(cli, [ones, "--task", "sparse-view", "--method", "fbp", "-o", tmp_path / "a.nii.gz"])
+    assert doc["metrics"] is None and any("constant" in w for w in doc["warnings"])
+    # as an explicit --reference: refused before the reconstruction runs
+    r = cli(["reconstruct", ones, "--task", "sparse-view", "--method", "fbp", "--reference", ones,
+             "-o", tmp_path / "b.nii.gz"])
+    assert r.exit_code == 3 and "is constant" in r.output and "fbp:" not in r.output
+    assert not (tmp_path / "b.nii.gz").exists()

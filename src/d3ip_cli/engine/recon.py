@@ -387,6 +387,8 @@ def reconstruct(input_path: str | os.PathLike, cfg: ReconConfig, *, device: torc
     stage = record.stage if record is not None else (lambda name: nullcontext())
     with stage("load"):
         problem = load_problem(input_path, cfg, device=device, reference_path=reference_path, progress=progress)
+    if reference_path is not None and problem.reference is not None and np.ptp(problem.reference) == 0:
+        raise InputDataError(f"--reference {reference_path} is constant: PSNR and SSIM against it are undefined")
     with stage("reconstruct"):
         x, x_init = run_method(problem, cfg, device=device, progress=progress, record=record)
     desc = " ".join(dict.fromkeys(("d3ip", cfg.method, problem.task)))  # "d3ip d3ip ..." said once
@@ -407,7 +409,9 @@ def reconstruct(input_path: str | os.PathLike, cfg: ReconConfig, *, device: torc
         if problem.from_file and cfg.grid:
             std = std.replace(data=resample_inplane(std.data, problem.affine, int(cfg.grid))[0], affine=out.affine)
     metrics = None
-    if problem.reference is not None:
+    if problem.reference is not None and np.ptp(problem.reference) == 0:
+        problem.warnings.append("the input volume is constant: no PSNR/SSIM against it")  # keep the result
+    elif problem.reference is not None:
         with stage("metrics"):
             metrics = volume_metrics(out.data, problem.reference)
     if record is not None:
