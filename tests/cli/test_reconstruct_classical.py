@@ -242,3 +242,8 @@ def test_a_constant_volume(cli, tmp_path):
              "-o", tmp_path / "b.nii.gz"])
     assert r.exit_code == 3 and "is constant" in r.output and "fbp:" not in r.output
     assert not (tmp_path / "b.nii.gz").exists()
+
+
+def test_resume_needs_a_checkpoint_dir(cli, ct_slice, tmp_path):
+    r = cli(["reconstruct", ct_slice, "--task", "sparse-view", "--method", "fbp", "--resume", "-o", tmp_path / "r.nii.gz"])
+    assert r.exit_code == 2 and "--checkpoint-dir" in r.output

@@ -126,6 +126,10 @@ def register(app: typer.Typer) -> None:
             checkpoint_every=checkpoint_every, adapter=adapter, save_adapter=save_adapter)
         from d3ip_cli.engine import distributed
 
+        if resume and not checkpoint_dir:
+            from d3ip_cli.core.errors import UsageError
+
+            raise UsageError("--resume continues from --checkpoint-dir DIR: give the folder of the interrupted run")
         dev = resolve_device(device)
         if distributed.init_from_env(dev):
             dev = distributed.local_device(dev)
