@@ -81,3 +81,14 @@ def test_output_must_be_named_as_hdf5(cli, anatomy, tmp_path):
     r = cli(["simulate", anatomy, "-o", tmp_path / "m.nii.gz", "--task", "cs-mri"])
     assert r.exit_code == 2 and ".h5" in r.stderr
     assert not (tmp_path / "m.nii.gz").exists()
+
+
+def test_an_unreachable_acceleration_is_reported(cli, anatomy, tmp_path):
+    r = cli(["simulate", anatomy, "-o", tmp_path / "m.h5", "--task", "cs-mri", "--acceleration", "1000", "--json"])
+    assert r.exit_code == 0, r.output
+    import json
+
+    doc = json.loads(r.stdout)
+    assert any("--acceleration 1000 cannot be reached" in w for w in doc["warnings"])
+    r = cli(["simulate", anatomy, "-o", tmp_path / "m4.h5", "--task", "cs-mri", "--acceleration", "4", "--json"])
+    assert not any("cannot be reached" in w for w in json.loads(r.stdout)["warnings"])

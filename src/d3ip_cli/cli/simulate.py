@@ -91,6 +91,10 @@ def register(app: typer.Typer) -> None:
         with record.stage("simulate"):
             meas, op, _ = simulate_measurement(vol, cfg, cfg, seed=cfg.seed, device=dev, source=str(Path(input).resolve()),
                                                argv=record["argv"])
+        from d3ip_cli.engine.recon import acceleration_note
+
+        if cfg.task == "cs-mri" and (note := acceleration_note(op, cfg.acceleration)):
+            record.warn(note)
         with record.stage("write"):
             path = write_measurement(meas, output, overwrite=overwrite)
         record["task"] = cfg.task
@@ -109,3 +113,5 @@ def register(app: typer.Typer) -> None:
             emit_json(record.doc)
         else:
             log(f"wrote {path}: {meas.kind} {list(meas.data.shape)} ({op!r})")
+            for w in record["warnings"]:
+                log(f"[yellow]warning:[/yellow] {w}")

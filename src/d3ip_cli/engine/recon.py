@@ -216,6 +216,21 @@ def simulate_measurement(vol: Volume, task_opts: TaskOptions, noise_opts: NoiseO
 # ---------------------------------------------------------------------------------------
 
 
+def acceleration_note(op: Any, requested: float) -> str | None:
+    """A note when a Cartesian mask cannot reach the requested ``--acceleration`` (small grids,
+    a large centre fraction); ``None`` when it does (within 20 %) or ``op`` has no mask."""
+    from d3ip_cli.physics.masks import acceleration_of
+
+    mask = getattr(op, "mask", None)
+    if mask is None:
+        return None
+    achieved = acceleration_of(mask)
+    if achieved >= requested / 1.2:
+        return None
+    return (f"--acceleration {requested:g} cannot be reached on this k-space grid: the mask (fully sampled "
+            f"centre included) undersamples by {achieved:.2f}x")
+
+
 def problem_from_volume(vol: Volume, cfg: ReconConfig, *, device: torch.device | str = "cpu",
                         source: str | None = None) -> Problem:
     """Retrospective study: simulate from ``vol``; the volume (normalised and mapped back) is the reference."""
@@ -226,6 +241,8 @@ def problem_from_volume(vol: Volume, cfg: ReconConfig, *, device: torch.device |
     notes = []
     if scale.clip_min is not None and float(np.min(vol.data)) < scale.clip_min:
         notes.append(f"input values below {scale.clip_min:g} {scale.units} were clipped (outside the field of view)")
+    if cfg.task == "cs-mri" and (note := acceleration_note(op, cfg.acceleration)):
+        notes.append(note)
     return Problem(op=op, y=y, task=str(cfg.task), scale=scale, affine=vol.affine.copy(), meta=_json_meta(vol.meta),
                    reference=reference, retrospective=True, measurement=meas, warnings=notes)
 
