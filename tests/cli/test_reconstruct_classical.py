@@ -247,3 +247,10 @@ def test_a_constant_volume(cli, tmp_path):
 def test_resume_needs_a_checkpoint_dir(cli, ct_slice, tmp_path):
     r = cli(["reconstruct", ct_slice, "--task", "sparse-view", "--method", "fbp", "--resume", "-o", tmp_path / "r.nii.gz"])
     assert r.exit_code == 2 and "--checkpoint-dir" in r.output
+
+
+def test_a_modality_mismatch_is_noted(cli, ct_slice, tmp_path):
+    doc = _run(cli, [ct_slice, "--task", "cs-mri", "--method", "zero-filled", "-o", tmp_path / "a.nii.gz"])
+    assert any("the input is a CT image" in w for w in doc["warnings"])
+    doc = _run(cli, [ct_slice, "--task", "sparse-view", "--method", "fbp", "-o", tmp_path / "b.nii.gz"])
+    assert not any("synthetic study" in w for w in doc["warnings"])

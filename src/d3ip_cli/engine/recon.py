@@ -243,6 +243,11 @@ def problem_from_volume(vol: Volume, cfg: ReconConfig, *, device: torch.device |
         notes.append(f"input values below {scale.clip_min:g} {scale.units} were clipped (outside the field of view)")
     if cfg.task == "cs-mri" and (note := acceleration_note(op, cfg.acceleration)):
         notes.append(note)
+    task_modality = "MR" if cfg.task == "cs-mri" else "CT"
+    if vol.modality in ("CT", "MR") and vol.modality != task_modality:
+        article = "an" if vol.modality == "MR" else "a"
+        notes.append(f"the input is {article} {vol.modality} image; --task {cfg.task} simulates {task_modality} data from "
+                     "it (a synthetic study, not this scan's acquisition)")
     return Problem(op=op, y=y, task=str(cfg.task), scale=scale, affine=vol.affine.copy(), meta=_json_meta(vol.meta),
                    reference=reference, retrospective=True, measurement=meas, warnings=notes)
 
