@@ -97,3 +97,20 @@ def test_info_bad_inputs(cli, tmp_path):
     np.save(tmp_path / "bare.npy", np.zeros((2, 2, 2)))
     bare = cli(["info", tmp_path / "bare.npy", "--json"])
     assert bare.exit_code == 0 and "identity affine" in json.loads(bare.stdout)["problems"][0]
+
+
+def test_info_describes_a_measurement_file(cli, tmp_path):
+    import json as _json
+
+    import pydicom.data
+
+    meas = tmp_path / "m.h5"
+    ct = pydicom.data.get_testdata_file("CT_small.dcm")
+    assert cli(["simulate", ct, "-o", meas, "--task", "sparse-view", "--views", "30"]).exit_code == 0
+    r = cli(["info", meas, "--json"])
+    assert r.exit_code == 0, r.output
+    doc = _json.loads(r.stdout)
+    assert doc["task"] == "sparse-view" and doc["kind"] == "sinogram" and doc["data_shape"][1] == 30
+    assert doc["retrospective"] is True and doc["operator"]["options"] == {"views": 30}
+    r = cli(["info", meas])
+    assert r.exit_code == 0 and "sinogram (Z, views, detectors)" in r.stdout

@@ -46,6 +46,13 @@ def _table(doc: dict[str, Any]) -> str:
             ("series UID", doc.get("series_uid") or "-"),
             ("slices", str(doc["slice_count"])),
         ]
+    if "kind" in doc:  # a measurement file
+        axes = "Z, views, detectors" if doc["kind"] == "sinogram" else "Z, coils, ky, kx"
+        rows += [("task", doc["task"]), (f"{doc['kind']} ({axes})", " x ".join(map(str, doc["data_shape"]))),
+                 ("image grid (Z, H, W)", " x ".join(map(str, doc["image_shape"])))]
+        rows += [("operator" if i == 0 else "", f"{k} = {v}") for i, (k, v) in enumerate(sorted(doc["operator"].items()))]
+        rows += [("retrospective", "yes (simulated from an image volume)" if doc["retrospective"] else "no"),
+                 ("noise", str(doc.get("noise") or "-")), ("source", str(doc.get("source") or "-"))]
     for i, s in enumerate(doc.get("series", [])):
         rows.append(("series" if i == 0 else "",
                      f"{s['series_uid']}  {s['modality']} '{s['series_description']}' ({s['files']} files)"))
@@ -65,7 +72,8 @@ def register(app: typer.Typer) -> None:
         series: SeriesOpt = None,
         frame: FrameOpt = None,
     ) -> None:
-        """Describe a volume: shape, spacing, orientation, affine, modality, values, series, problems.
+        """Describe a volume (shape, spacing, orientation, affine, modality, values, series, problems)
+        or a measurement file (task, data shape, operator settings, image grid, provenance).
 
         Exits 3 (after the report) when the input cannot be used as one regular volume,
         for example a series with missing slices or a directory holding several series.
@@ -77,7 +85,12 @@ def register(app: typer.Typer) -> None:
         from d3ip_cli.core.errors import InputDataError
         from d3ip_cli.io.volumes import detect_format, read_volume, volume_summary
 
+        from d3ip_cli.io.measurement import is_measurement_path
+
         doc: dict[str, Any] = {"path": str(input.resolve()) if input.exists() else str(input)}
+        if is_measurement_path(input):
+            _emit(_measurement_doc(input, doc, frame), json_out)
+            return
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # third-party chatter; problems are in the report
@@ -98,6 +111,20 @@ def register(app: typer.Typer) -> None:
         _emit(doc, json_out)
         if fatal:
             raise InputDataError(f"{input}: {fatal[0]}")
+
+
+def _measurement_doc(path: Any, doc: dict[str, Any], frame: int | None) -> dict[str, Any]:
+    """What a measurement file holds: task, data shape, operator settings, grid, provenance."""
+    from d3ip_cli.io.measurement import read_measurement
+
+    meas = read_measurement(path, frame=frame)
+    spec = {k: v for k, v in meas.spec.items() if k != "angles_deg"}
+    prov = meas.provenance or {}
+    doc.update({"format": f"measurement ({meas.source_format})", "kind": meas.kind, "task": meas.task,
+                "data_shape": list(meas.data.shape), "image_shape": list(meas.image_shape), "operator": spec,
+                "retrospective": bool(prov.get("retrospective")), "noise": prov.get("noise"),
+                "source": prov.get("source"), "intensity": meas.intensity or None, "problems": [], "ok": True})
+    return doc
 
 
 def _emit(doc: dict[str, Any], json_out: bool) -> None:
