@@ -40,3 +40,20 @@ def test_readme_documents_every_command_and_exit_code():
         assert f"d3ip {c}" in readme, c
     for code in ("| 0 ", "| 2 ", "| 3 ", "| 4 ", "| 5 ", "| 6 ", "| 130 "):
         assert code in readme, code
+
+
+@pytest.mark.parametrize("args, text", [
+    (["reconstruct", "x.nii.gz", "--grid", "abc"], "Invalid value for '--grid'"),
+    (["reconstruct", "--bogus"], "No such option: --bogus"),
+    (["simulate"], "Missing argument"),
+    (["nonsense"], "No such command 'nonsense'"),
+])
+def test_parse_errors_are_one_line(args, text):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "d3ip_cli", *args], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and text in lines[0] and "--help" in lines[0], r.stderr
+    assert r.stdout == ""

@@ -60,6 +60,34 @@ def _register() -> None:
 _register()
 
 
+def _click_error_types() -> tuple[type, type]:
+    """Typer's (vendored click's) ``ClickException`` and ``Abort``, found through public names."""
+    base = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+    return base, typer.Abort
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Console-script entry point."""
-    app(args=argv, prog_name="d3ip")
+    """Console-script entry point.
+
+    Command-line parse errors (an unknown option, a value of the wrong type, a missing
+    argument) become one ``error:`` line on stderr naming the fix, exit 2, as every other
+    usage error; help and the commands themselves behave as under Typer's own runner.
+    """
+    import sys
+
+    from d3ip_cli.cli._common import err_console
+
+    click_error, abort = _click_error_types()
+    try:
+        code = app(args=argv, prog_name="d3ip", standalone_mode=False)
+    except click_error as exc:
+        message = exc.format_message().strip()
+        if message:  # (none when the help was shown because no command was given)
+            cmd = " ".join(exc.ctx.command_path.split()[1:]) if getattr(exc, "ctx", None) else ""
+            hint = f" (see d3ip {cmd + ' ' if cmd else ''}--help)"
+            err_console.print(f"[bold red]error:[/bold red] {message}{hint}", soft_wrap=True, highlight=False)
+        sys.exit(getattr(exc, "exit_code", 2) or 2)
+    except abort:
+        err_console.print("[bold red]error:[/bold red] interrupted", soft_wrap=True)
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
