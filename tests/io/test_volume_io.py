@@ -183,3 +183,10 @@ def test_writers_refuse_existing_and_leave_nothing_on_failure(tmp_path):
         with pytest.raises(OutputError):
             write_volume(vol, blocker / name)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".d3ip")]
+
+
+def test_a_text_file_named_npy_is_not_called_a_pickle(tmp_path):
+    bad = tmp_path / "t.npy"
+    bad.write_text("hello")
+    with pytest.raises(InputDataError, match="not a NumPy .npy file"):
+        read_volume(bad)

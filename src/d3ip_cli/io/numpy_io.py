@@ -38,6 +38,10 @@ def read_npy(path: str | os.PathLike, *, frame: int | None = None) -> Volume:
     from d3ip_cli.io.nifti import _file_sha256, _first_line
 
     p = Path(path)
+    if p.is_file():
+        with open(p, "rb") as fh:
+            if fh.read(6) != b"\x93NUMPY":
+                raise InputDataError(f"{p}: not a NumPy .npy file (no .npy header)")
     try:
         arr = np.load(p, allow_pickle=False, mmap_mode=None)
     except Exception as exc:  # noqa: BLE001 - ValueError/OSError/EOFError for bad files
