@@ -168,3 +168,14 @@ def test_memory_refusal_names_the_size_that_fits(cli, prior, volume, tmp_path, m
     r = cli(["reconstruct", volume, *args, "--slices", "0:2", "-o", tmp_path / "slab.npy"])
     assert r.exit_code == 0, r.output
     assert np.load(tmp_path / "slab.npy").shape == (2, 32, 32)
+
+
+def test_a_grid_far_from_the_priors_scale_is_warned(cli, prior, volume, tmp_path):
+    def warnings_at(grid):
+        r = cli(["reconstruct", volume, "--task", "sparse-view", "--views", "16", "--prior", prior, "--method", "dds",
+                 "--steps", "2", "--grid", str(grid), "-o", tmp_path / f"g{grid}.npy", "--json"])
+        assert r.exit_code == 0, r.output
+        return [w for w in json.loads(r.stdout)["warnings"] if "pixel scale" in w]
+
+    assert warnings_at(32) == []  # the tiny prior's own 32x32
+    assert "trained on 32x32 phantoms and this grid is 136x136" in warnings_at(136)[0]
