@@ -18,9 +18,10 @@ def tiny_prior(tmp_path_factory):
 def test_benchmark_json_and_files(cli, tiny_prior, tmp_path):
     out = tmp_path / "bench"
     r = cli(["benchmark", "--suite", "smoke", "--methods", "fbp,tv,dds", "--prior", tiny_prior, "-o", out,
-             "--json", "--device", "cpu"])
+             "--json", "--device", "cpu", "--threads", "1"])
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)  # exactly one JSON object on stdout
+    assert doc["environment"]["torch_threads"] == 1
     assert doc["suite"]["name"] == "smoke" and doc["failed"] == 0
     assert "fresh process" in doc["memory_method"]  # each run in its own process: per-run peak memory
     for name in ("results.json", "results.csv", "results.md", "psnr_vs_time.png", "montage.png"):
@@ -45,6 +46,7 @@ def test_benchmark_table_and_refusals(cli, tmp_path):
     assert again.exit_code == 4 and "--overwrite" in again.stderr
     assert cli(["benchmark", "--suite", "smoke", "--methods", "fbp", "-o", out, "--overwrite"]).exit_code == 0
     assert cli(["benchmark", "--suite", "huge", "-o", tmp_path / "x"]).exit_code == 2
+    assert cli(["benchmark", "--suite", "smoke", "--threads", "0", "-o", tmp_path / "t"]).exit_code == 2
     assert cli(["benchmark", "--suite", "smoke", "--methods", "fbp,magic", "-o", tmp_path / "y"]).exit_code == 2
 
 

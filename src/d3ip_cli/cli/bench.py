@@ -56,6 +56,8 @@ def register(app: typer.Typer) -> None:
         grid: Annotated[Optional[int], typer.Option("--grid", help="In-plane grid N x N, overriding the suite's.")] = None,
         preset: Annotated[Optional[str], typer.Option("--preset", help="Diffusion preset (fast, standard, paper), "
                                                                        "overriding the suite's.")] = None,
+        threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads per run (default: torch's "
+                                                                          "choice; timings depend on it).")] = None,
         json_out: Annotated[bool, typer.Option("--json", help="Print results.json as one JSON object on stdout "
                                                               "(the table then goes to stderr).")] = False,
         seed: SeedOpt = 0,
@@ -82,6 +84,14 @@ def register(app: typer.Typer) -> None:
         from d3ip_cli.cli._common import progress_bar
         from d3ip_cli.core.device import resolve_device
 
+        if threads is not None:
+            if threads < 1:
+                from d3ip_cli.core.errors import UsageError
+
+                raise UsageError(f"--threads must be at least 1, got {threads}")
+            import torch
+
+            torch.set_num_threads(threads)
         dev = resolve_device(device)
         method_list = [m for m in methods.split(",")] if methods is not None else None
         with progress_bar("benchmark", disable=not err_console.is_terminal) as cb:  # plain logs: one line a run
