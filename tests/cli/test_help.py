@@ -57,3 +57,12 @@ def test_parse_errors_are_one_line(args, text):
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and text in lines[0] and "--help" in lines[0], r.stderr
     assert r.stdout == ""
+
+
+def test_a_parse_error_with_brackets_is_still_one_line():
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "d3ip_cli", "reconstruct", "--bogus-[/b]"], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip() == "error: No such option: --bogus-[/b] (see d3ip reconstruct --help)"

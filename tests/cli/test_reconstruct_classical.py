@@ -177,6 +177,12 @@ def test_overwrite_never_deletes_a_users_folder(cli, ct_slice, tmp_path):
     r = cli(["reconstruct", ct_slice, "--task", "sparse-view", "--method", "fbp", "-o", folder, "--overwrite"])
     assert r.exit_code == 4 and "did not write (notes.txt)" in r.output
     assert (folder / "notes.txt").read_text() == "important"
+    (folder / "notes.txt").unlink()
+    (folder / ".DS_Store").write_bytes(b"x")  # a file browser's litter does not block --overwrite
+    (folder / "IM00001.dcm").write_bytes(b"x")
+    r = cli(["reconstruct", ct_slice, "--task", "sparse-view", "--method", "fbp", "-o", folder, "--overwrite",
+             "--format", "dicom"])
+    assert r.exit_code == 0, r.output
     # a DICOM series d3ip wrote is replaced
     series = tmp_path / "series"
     args = ["reconstruct", ct_slice, "--task", "sparse-view", "--method", "fbp", "-o", series, "--format", "dicom"]
@@ -228,6 +234,9 @@ def test_acquisition_options_on_a_measurement_file_are_reported_as_ignored(cli, 
     doc = _run(cli, [meas, "--method", "cgls", "--views", "90", "-o", tmp_path / "r.nii.gz"])
     assert any("--views ignored" in w for w in doc["warnings"])
     doc = _run(cli, [meas, "--method", "cgls", "-o", tmp_path / "r2.nii.gz"])
+    assert not any("ignored" in w for w in doc["warnings"])
+    # --slices and --grid apply to measurement files too: not reported as ignored
+    doc = _run(cli, [meas, "--method", "cgls", "--grid", "64", "-o", tmp_path / "r3.nii.gz"])
     assert not any("ignored" in w for w in doc["warnings"])
 
 

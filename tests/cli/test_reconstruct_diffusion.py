@@ -179,3 +179,12 @@ def test_a_grid_far_from_the_priors_scale_is_warned(cli, prior, volume, tmp_path
 
     assert warnings_at(32) == []  # the tiny prior's own 32x32
     assert "trained on 32x32 phantoms and this grid is 136x136" in warnings_at(136)[0]
+
+
+def test_an_existing_std_map_is_refused_before_sampling(cli, prior, volume, tmp_path):
+    out = tmp_path / "r.npy"
+    (tmp_path / "r_std.npy").write_bytes(b"keep")
+    r = cli(["reconstruct", volume, "--task", "sparse-view", "--views", "16", "--prior", prior, "--method", "dds",
+             "--steps", "2", "--samples", "2", "-o", out])
+    assert r.exit_code == 4 and "r_std.npy" in r.output and "dds:" not in r.output
+    assert (tmp_path / "r_std.npy").read_bytes() == b"keep" and not out.exists()

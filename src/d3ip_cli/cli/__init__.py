@@ -85,7 +85,9 @@ def main(argv: list[str] | None = None) -> None:
         if message:  # (none when the help was shown because no command was given)
             cmd = " ".join(exc.ctx.command_path.split()[1:]) if getattr(exc, "ctx", None) else ""
             hint = f" (see d3ip {cmd + ' ' if cmd else ''}--help)"
-            err_console.print(f"[bold red]error:[/bold red] {message}{hint}", soft_wrap=True, highlight=False)
+            from rich.markup import escape
+
+            err_console.print(f"[bold red]error:[/bold red] {escape(message + hint)}", soft_wrap=True, highlight=False)
         sys.exit(getattr(exc, "exit_code", 2) or 2)
     except abort:
         err_console.print("[bold red]error:[/bold red] interrupted", soft_wrap=True)

@@ -37,7 +37,7 @@ from d3ip_cli.cli._common import (
 
 
 ACQUISITION_OPTIONS = ("views", "arc", "acceleration", "mask", "center_fraction", "coils", "noise", "i0", "sigma",
-                       "slices", "grid", "series", "frame")
+                       "series")
 """Options that describe how to simulate from an image volume; a measurement file overrides them."""
 
 
@@ -152,6 +152,8 @@ def register(app: typer.Typer) -> None:
         if report is not None and not str(report).lower().endswith(".png"):
             raise UsageError(f"--report {report}: the report is a PNG image; give a name ending in .png")
         check_output(out_path, overwrite)
+        if cfg.samples > 1:  # the posterior standard-deviation map goes beside the output
+            check_output(engine.std_output_path(out_path), overwrite)
         if report is not None:
             check_output(report, overwrite)
 
@@ -163,7 +165,7 @@ def register(app: typer.Typer) -> None:
             ignored = [f"--{n.replace('_', '-')}" for n in ACQUISITION_OPTIONS if n in given]
             if ignored:
                 record.warn(f"{', '.join(ignored)} ignored: {input.name} is a measurement file, which fixes the "
-                            "acquisition and the image grid")
+                            "acquisition")
         if reference is not None:
             record.add_input(reference, role="reference")
         with progress_bar(cfg.method, disable=rank != 0) as cb:

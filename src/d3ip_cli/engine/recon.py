@@ -493,7 +493,7 @@ def write_result(result: ReconResult, output: str | os.PathLike, *, overwrite: b
     written: list[Path] = []
     try:
         if report is not None:
-            written.append(write_report(result, report, overwrite=True))
+            written.append(write_report(result, report, overwrite=overwrite))
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", D3ipWarning)
             path = write_volume(result.volume, output, format=format, overwrite=overwrite,

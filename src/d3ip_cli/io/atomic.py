@@ -26,6 +26,10 @@ REPLACEABLE_IN_FOLDERS = (".dcm", ".json")
 replaces a folder only when it holds nothing else, so it never deletes a user's files."""
 
 
+OS_LITTER = (".DS_Store", "Thumbs.db", "desktop.ini")
+"""Files an operating system's file browser leaves in any folder it shows."""
+
+
 def check_output(path: str | os.PathLike, overwrite: bool = False) -> Path:
     """Fail early (exit 4) when ``path`` exists without ``overwrite``, is a folder holding files
     d3ip did not write, or its folder is unwritable (probed with a real file, so read-only
@@ -34,8 +38,8 @@ def check_output(path: str | os.PathLike, overwrite: bool = False) -> Path:
     if p.exists() and not overwrite:
         raise OutputError(f"output {p} exists (use --overwrite to replace it)")
     if p.is_dir() and not p.is_symlink():
-        foreign = [c.name for c in p.iterdir()
-                   if not (c.is_file() and c.name.lower().endswith(REPLACEABLE_IN_FOLDERS))]
+        foreign = [c.name for c in p.iterdir() if c.name not in OS_LITTER
+                   and not (c.is_file() and c.name.lower().endswith(REPLACEABLE_IN_FOLDERS))]
         if foreign:
             raise OutputError(f"output {p} is a folder holding files d3ip did not write ({', '.join(sorted(foreign)[:3])}"
                               f"{', ...' if len(foreign) > 3 else ''}); not replacing it, even with --overwrite")
