@@ -83,9 +83,8 @@ def register(app: typer.Typer) -> None:
         import warnings
 
         from d3ip_cli.core.errors import InputDataError
-        from d3ip_cli.io.volumes import detect_format, read_volume, volume_summary
-
         from d3ip_cli.io.measurement import is_measurement_path
+        from d3ip_cli.io.volumes import detect_format, read_volume, volume_summary
 
         doc: dict[str, Any] = {"path": str(input.resolve()) if input.exists() else str(input)}
         if is_measurement_path(input):

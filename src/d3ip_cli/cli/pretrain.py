@@ -64,8 +64,6 @@ def register(app: typer.Typer) -> None:
             raise UsageError(f"--lr must be positive, got {lr}")
         if warmup is not None and warmup < 0:
             raise UsageError(f"--warmup must be non-negative, got {warmup}")
-        if init is not None and resume:
-            raise UsageError("--init starts a new run; --resume continues one from its own state (use one of them)")
         if resume:
             if not pt.state_path(output).exists():
                 raise UsageError(f"--resume: no training state {pt.state_path(output)} to continue")

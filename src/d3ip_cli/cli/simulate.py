@@ -93,7 +93,7 @@ def register(app: typer.Typer) -> None:
                                                argv=record["argv"])
         from d3ip_cli.engine.recon import acceleration_note
 
-        if cfg.task == "cs-mri" and (note := acceleration_note(op, cfg.acceleration)):
+        if note := acceleration_note(op, cfg.acceleration):
             record.warn(note)
         with record.stage("write"):
             path = write_measurement(meas, output, overwrite=overwrite)

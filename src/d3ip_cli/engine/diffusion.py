@@ -583,9 +583,9 @@ def run_registered(name: str, op: LinearOperator, y: torch.Tensor, x_init: torch
         if dev.type == "cuda":
             ctx.record["peak_device_memory_mb"] = round(torch.cuda.max_memory_allocated(dev) / 2**20, 1)
         ctx.record["model_evaluations"] = (last.stats.get("nfe_sample", 0) + last.stats.get("nfe_adapt", 0)) if last else 0
-        res = meta.get("resolution")
+        res = int(meta.get("resolution") or 0)
         h, w = (int(v) for v in op.in_shape[-2:])
-        if res and max(h, w) * 4 < int(res) or res and min(h, w) > 4 * int(res):
+        if res and not res / 4 <= min(h, w) <= max(h, w) <= 4 * res:
             ctx.record.warn(f"the prior was trained on {res}x{res} phantoms and this grid is {h}x{w}: features are "
                             "at a very different pixel scale from its training (--grid N resamples in-plane)")
         if world_size > 1 and name == "d3ip-mbir":

@@ -241,9 +241,11 @@ def problem_from_volume(vol: Volume, cfg: ReconConfig, *, device: torch.device |
     notes = []
     if scale.clip_min is not None and float(np.min(vol.data)) < scale.clip_min:
         notes.append(f"input values below {scale.clip_min:g} {scale.units} were clipped (outside the field of view)")
-    if cfg.task == "cs-mri" and (note := acceleration_note(op, cfg.acceleration)):
+    if note := acceleration_note(op, cfg.acceleration):
         notes.append(note)
-    task_modality = "MR" if cfg.task == "cs-mri" else "CT"
+    from d3ip_cli.physics.registry import get_task
+
+    task_modality = get_task(str(cfg.task)).modality
     if vol.modality in ("CT", "MR") and vol.modality != task_modality:
         article = "an" if vol.modality == "MR" else "a"
         notes.append(f"the input is {article} {vol.modality} image; --task {cfg.task} simulates {task_modality} data from "
@@ -409,7 +411,8 @@ def reconstruct(input_path: str | os.PathLike, cfg: ReconConfig, *, device: torc
     stage = record.stage if record is not None else (lambda name: nullcontext())
     with stage("load"):
         problem = load_problem(input_path, cfg, device=device, reference_path=reference_path, progress=progress)
-    if reference_path is not None and problem.reference is not None and np.ptp(problem.reference) == 0:
+    constant_reference = problem.reference is not None and np.ptp(problem.reference) == 0
+    if reference_path is not None and constant_reference:
         raise InputDataError(f"--reference {reference_path} is constant: PSNR and SSIM against it are undefined")
     with stage("reconstruct"):
         x, x_init = run_method(problem, cfg, device=device, progress=progress, record=record)
@@ -431,7 +434,7 @@ def reconstruct(input_path: str | os.PathLike, cfg: ReconConfig, *, device: torc
         if problem.from_file and cfg.grid:
             std = std.replace(data=resample_inplane(std.data, problem.affine, int(cfg.grid))[0], affine=out.affine)
     metrics = None
-    if problem.reference is not None and np.ptp(problem.reference) == 0:
+    if constant_reference:
         problem.warnings.append("the input volume is constant: no PSNR/SSIM against it")  # keep the result
     elif problem.reference is not None:
         with stage("metrics"):

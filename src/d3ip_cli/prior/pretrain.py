@@ -240,14 +240,15 @@ def train(
             diff = ", ".join(f"{k} {theirs.get(k)!r} (now {ours.get(k)!r})" for k in ours if theirs.get(k) != ours.get(k))
             raise InputDataError(f"--resume: {spath} was written with different settings ({diff}); "
                                  "refusing to mix runs")
+        has_live = any(k.startswith("model.") for k in tensors)  # an EMA-only slim state has none
         try:
-            if any(k.startswith("model.") for k in tensors):
+            if has_live:
                 model.load_state_dict({k[6:]: v.to(device) for k, v in tensors.items() if k.startswith("model.")})
             ema.load_state_dict({k[4:]: v.to(device) for k, v in tensors.items() if k.startswith("ema.")})
         except RuntimeError as exc:
             raise InputDataError(f"--resume: {spath} does not match the architecture: {str(exc).splitlines()[0]}") from None
         _load_optimizer(opt, params, tensors)
-        if not any(k.startswith("model.") for k in tensors):  # an EMA-only slim state: live weights from the EMA
+        if not has_live:  # restart the live weights from the EMA
             model.load_state_dict(ema.state_dict())
         losses = tensors["loss_history"].tolist() if "loss_history" in tensors else []
         lineage = meta.get("init")
