@@ -264,7 +264,7 @@ def evaluate(prior: str | os.PathLike, *, n: int = 64, size: int = 128, seed: in
         t0 = time.perf_counter()
         imgs = ddim_samples(model, n_samples, size, sample_steps, seed + 2, batch)
         save_image_grid(imgs, samples_png, title=f"unconditional DDIM ({sample_steps} steps, eta 0), "
-                        f"{totals(meta)['steps']} steps / {totals(meta)['images_seen']} images seen")
+                        "{steps} steps / {images_seen} images seen".format(**totals(meta)))
         timings["samples_s"] = time.perf_counter() - t0
         samples = {"path": str(samples_png), "n": n_samples, "steps": sample_steps,
                    "mean": float(imgs.mean()), "std": float(imgs.std())}
