@@ -12,11 +12,16 @@
    fastest of ``--repeats`` calls by default (``--stat median`` for the median), for the
    matmul and the network alike, so other load on the machine disturbs both the same way.
 
+``--precision bf16`` runs the network under ``torch.autocast(dtype=bfloat16)``, as
+``pretrain-phantom --precision bf16`` trains (the percentages stay relative to the float32
+matmul, so they can exceed 100%).
+
 The weights do not matter for speed: the architecture comes from ``--prior`` (default: the
 bundled prior when present) or ``--preset`` (``tiny``, ``cpu``, ``paper``); weights are random.
 
 Usage: python scripts/bench_unet.py [--prior P | --preset cpu] [--batch 8] [--size 64] [--threads 1]
                                     [--matmul 1024] [--repeats 10] [--stat min] [--device cpu] [--json]
+                                    [--precision fp32|bf16]
 """
 
 from __future__ import annotations
@@ -94,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stat", default="min", choices=["min", "median"], help="time per call: fastest or median repeat")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast the network")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     if args.threads:
@@ -109,21 +115,26 @@ def main(argv: list[str] | None = None) -> int:
     t = torch.randint(0, 1000, (args.batch,), device=dev)
     flops_fwd, flops_fb = count_flops(model, x, t)
 
+    def cast():
+        return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+
     def fwd():
-        with torch.no_grad():
+        with torch.no_grad(), cast():
             model(x, t)
 
     def fwd_bwd():
         model.zero_grad(set_to_none=True)
         xg = x.clone().requires_grad_(True)
-        model(xg, t).square().mean().backward()
+        with cast():
+            out = model(xg, t)
+        out.float().square().mean().backward()
 
     mm = matmul_gflops(args.matmul, args.repeats, dev, args.stat)
     t_f = timed(fwd, args.repeats, dev, args.stat)
     t_fb = timed(fwd_bwd, args.repeats, dev, args.stat)
     res = {
         "architecture_from": source, "parameters": sum(p.numel() for p in model.parameters()),
-        "batch": args.batch, "size": args.size, "device": str(dev), "threads": torch.get_num_threads(),
+        "batch": args.batch, "size": args.size, "device": str(dev), "precision": args.precision, "threads": torch.get_num_threads(),
         "stat": args.stat, "matmul_n": args.matmul, "matmul_gflops": mm,
         "gflop_per_image_fwd": flops_fwd / args.batch / 1e9, "gflop_per_image_fwd_bwd": flops_fb / args.batch / 1e9,
         "fwd_s": t_f, "fwd_images_per_s": args.batch / t_f, "fwd_gflops": flops_fwd / t_f / 1e9,
@@ -136,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(res))
         return 0
     print(f"U-Net ({source}, {res['parameters'] / 1e6:.2f} M parameters), batch {args.batch} x {args.size}^2, "
-          f"{res['device']}, {res['threads']} torch thread(s)")
+          f"{res['device']}, {res['threads']} torch thread(s), {args.precision}")
     print(f"float32 matmul {args.matmul}^2: {mm:.1f} GFLOP/s")
     print(f"forward         : {res['fwd_images_per_s']:8.1f} images/s  {res['fwd_gflops']:7.1f} GFLOP/s  "
           f"= {100 * res['fwd_fraction_of_matmul']:.0f}% of matmul  ({res['gflop_per_image_fwd']:.3f} GFLOP/image)")

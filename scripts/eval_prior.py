@@ -20,10 +20,17 @@ Three measurements of a prior ``.safetensors`` file (DESIGN §5):
    the best mean PSNR on *other* phantoms (``--tune-n`` from seed ``--tune-seed``), then
    evaluated on the test phantoms. A tuned weight on the edge of the grid is flagged.
 
+   At the noisiest steps (t = 999, 900, 800, which set a sample's layout) the prior's x̂0 is
+   compared with a constant image at the phantoms' mean intensity, the estimate any working
+   denoiser must beat there.
+
 3. **Unconditional samples** (only with ``--samples-png``): DDIM, ``--sample-steps`` (50)
    steps, eta 0, x̂0 clipped to the data range at each step, ``--n-samples`` (16) images at
    ``--size``, as a PNG grid; beside it
    (``<name>_phantoms.png``) as many phantoms of the prior's recipe, for comparison.
+   Three image statistics put numbers on the comparison (:func:`image_statistics`, samples
+   against the test phantoms): mean intensity, background share (pixels within 0.02 of the
+   image's median: the phantoms' flat surround) and mean gradient magnitude (edge density).
 
 4. **Reconstruction of phantoms** (``--recon-slices N``, default 4; 0 skips it): a 3D
    ellipsoid phantom volume ``[N, size, size]`` (seed ``--seed`` + 4) from simulated
@@ -70,6 +77,7 @@ import torch
 from d3ip_cli.prior.pretrain import totals
 
 DEFAULT_TS = (200, 400, 600)
+HIGH_TS = (999, 900, 800)  # high-noise check: the prior's x̂0 against a constant image
 # weight = sigma_t * 2**k, k in [-3, 7] by halves: measured optima on 128² phantoms are k ~ 0.5 / 3 / 5
 # at t = 200 / 400 / 600 (PSNR is flat beyond).
 TV_GRID_EXPONENTS = tuple(k / 2 for k in range(-6, 15))
@@ -135,6 +143,14 @@ def ddim_samples(model: torch.nn.Module, n: int, size: int, steps: int, seed: in
 
 
 # --------------------------------------------------------------------------- TV baseline
+
+def image_statistics(imgs: np.ndarray) -> dict[str, float]:
+    """Mean intensity, background share and mean gradient magnitude of images ``[n, h, w]`` in ``[0, 1]``."""
+    flat = imgs.reshape(len(imgs), -1)
+    background = np.abs(flat - np.median(flat, axis=1, keepdims=True)) < 0.02
+    grad = np.abs(np.diff(imgs, axis=1)).mean() + np.abs(np.diff(imgs, axis=2)).mean()
+    return {"mean": float(imgs.mean()), "background": float(background.mean()), "gradient": float(grad)}
+
 
 def tv_observation(xt: torch.Tensor, t: int, abar: torch.Tensor) -> tuple[np.ndarray, float]:
     """``y = (x_t / sqrt(abar) + 1) / 2`` ``[N, H, W]`` and its noise std in image units."""
@@ -242,6 +258,15 @@ def evaluate(prior: str | os.PathLike, *, n: int = 64, size: int = 128, seed: in
         est = tweedie(model, xt_test[t], t, abar, batch).numpy()
         per_t[str(t)] = {"abar": float(abar[t]), "psnr_prior": float(psnr(est, ref_test).mean())}
         log(f"t={t}: prior {per_t[str(t)]['psnr_prior']:.2f} dB")
+    # the noisiest steps, which set a sample's layout: the best estimate there is close to the
+    # phantoms' mean, so a prior that does worse than a constant image has not learnt them
+    high_noise: dict[str, dict[str, float]] = {}
+    xt_high = diffuse_all(x_test, HIGH_TS, abar, seed + 5)
+    const = np.full_like(ref_test, float(ref_tune.mean()))
+    for t in HIGH_TS:
+        est = tweedie(model, xt_high[t], t, abar, batch).numpy()
+        high_noise[str(t)] = {"psnr_prior": float(psnr(est, ref_test).mean()),
+                              "psnr_constant": float(psnr(const, ref_test).mean())}
     timings["prior_denoise_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -267,7 +292,8 @@ def evaluate(prior: str | os.PathLike, *, n: int = 64, size: int = 128, seed: in
                         "{steps} steps / {images_seen} images seen".format(**totals(meta)))
         timings["samples_s"] = time.perf_counter() - t0
         samples = {"path": str(samples_png), "n": n_samples, "steps": sample_steps,
-                   "mean": float(imgs.mean()), "std": float(imgs.std())}
+                   "mean": float(imgs.mean()), "std": float(imgs.std()),
+                   "stats": image_statistics(imgs), "phantom_stats": image_statistics(ref_test)}
         log(f"samples: {samples_png} ({timings['samples_s']:.0f} s)")
         # the training distribution beside them, to judge "looks like ellipse phantoms"
         real = make_phantoms(n_samples, size, seed + 3, recipe)[:, 0].numpy()
@@ -290,7 +316,7 @@ def evaluate(prior: str | os.PathLike, *, n: int = 64, size: int = 128, seed: in
         "steps": tot["steps"], "images_seen": tot["images_seen"], "wall_time_s": tot["wall_time_s"],
         "stages": tot["stages"],
         "train_seed": train_seed, "n": n, "size": size, "seed": seed, "tune_seed": tune_seed, "tune_n": tune_n,
-        "ts": ts, "per_t": per_t, "prior_wins_all": all(v["prior_wins"] for v in per_t.values()),
+        "ts": ts, "per_t": per_t, "high_noise": high_noise, "prior_wins_all": all(v["prior_wins"] for v in per_t.values()),
         "samples": samples, "recon": recon, "timings": {k: round(v, 2) for k, v in timings.items()},
         "threads": torch.get_num_threads(),
     }
@@ -308,12 +334,19 @@ def format_table(res: dict[str, Any]) -> str:
         edge = " (grid edge)" if r["tv_weight_on_grid_edge"] else ""
         lines.append(f"{t:>5} {r['abar']:7.4f} {r['sigma_image']:7.3f} {r['psnr_prior']:9.2f} {r['psnr_tv']:8.2f} "
                      f"{r['margin_db']:+7.2f} {r['tv_weight']:10.4g}  {'prior' if r['prior_wins'] else 'TV'}{edge}")
+    if res.get("high_noise"):
+        lines.append("high noise, prior x̂0 against a constant image at the phantoms' mean: " + ", ".join(
+            f"t={t} {r['psnr_prior']:.2f} / {r['psnr_constant']:.2f} dB" for t, r in res["high_noise"].items()))
     if res.get("recon"):
         r = res["recon"]
         lines.append(f"phantom volume, {r['slices']} slices, sparse-view {r['views']} views: dds {r['psnr_dds']:.2f} dB, "
                      f"tv {r['psnr_tv']:.2f} dB (weight {r['tv_weight']:g}), cgls {r['psnr_cgls']:.2f} dB")
     if res.get("samples"):
-        lines.append(f"samples: {res['samples']['path']}")
+        sm = res["samples"]
+        lines.append(f"samples: {sm['path']}")
+        if "stats" in sm:
+            lines.append("sample statistics (samples / phantoms): " + ", ".join(
+                f"{k} {sm['stats'][k]:.3f} / {sm['phantom_stats'][k]:.3f}" for k in sm["stats"]))
     lines.append("timings: " + ", ".join(f"{k} {v}" for k, v in res["timings"].items()))
     return "\n".join(lines)
 
@@ -325,10 +358,17 @@ def csv_row(res: dict[str, Any]) -> dict[str, Any]:
         row[f"psnr_tv_t{t}"] = round(r["psnr_tv"], 4)
         row[f"tv_weight_t{t}"] = round(r["tv_weight"], 6)
     row["stages"] = res.get("stages", 1)
+    for t, r in (res.get("high_noise") or {}).items():
+        row[f"high_prior_t{t}"] = round(r["psnr_prior"], 4)
+        row[f"high_constant_t{t}"] = round(r["psnr_constant"], 4)
     if res.get("recon"):
         for k in ("psnr_dds", "psnr_tv", "psnr_cgls"):
             row[f"recon_{k}"] = round(res["recon"][k], 4)
         row["recon_slices"] = res["recon"]["slices"]
+    if res.get("samples") and "stats" in res["samples"]:
+        for k, v in res["samples"]["stats"].items():
+            row[f"sample_{k}"] = round(v, 4)
+            row[f"phantom_{k}"] = round(res["samples"]["phantom_stats"][k], 4)
     row["eval_s"] = res["timings"]["total_s"]
     return row
 

@@ -40,6 +40,12 @@ def test_eval_prior_numbers_csv_and_plot(tiny_prior, tmp_path, capsys):
         assert 0 < r["psnr_prior"] < 100 and 0 < r["psnr_tv"] < 100 and r["tv_weight"] > 0
         assert isinstance(r["prior_wins"], bool)
     assert samples.stat().st_size > 0 and plot.stat().st_size > 0 and res["recon"] is None
+    assert set(res["high_noise"]) == {"999", "900", "800"}
+    assert all(0 < r["psnr_prior"] < 100 and 0 < r["psnr_constant"] < 100 for r in res["high_noise"].values())
+    st, ph = res["samples"]["stats"], res["samples"]["phantom_stats"]
+    assert st.keys() == ph.keys() == {"mean", "background", "gradient"}
+    assert 0 <= st["mean"] <= 1 and 0 <= st["background"] <= 1 and st["gradient"] >= 0
+    assert 0.1 < ph["background"] < 1  # phantoms have a flat surround
 
     # a second run appends a row (plain-text table this time) with the phantom reconstruction's
     # columns, which the file did not have yet: the header becomes the union
@@ -50,6 +56,8 @@ def test_eval_prior_numbers_csv_and_plot(tiny_prior, tmp_path, capsys):
         rows = list(csv.DictReader(fh))
     assert len(rows) == 2
     assert rows[0]["recon_psnr_dds"] == "" and rows[1]["recon_slices"] == "2" and rows[1]["stages"] == "1"
+    assert float(rows[0]["phantom_background"]) == pytest.approx(ph["background"], abs=1e-4)
+    assert rows[1]["sample_mean"] == ""  # no samples drawn in the second run
     for k in ("recon_psnr_dds", "recon_psnr_tv", "recon_psnr_cgls"):
         assert 5 < float(rows[1][k]) < 100
     assert float(rows[1]["recon_psnr_tv"]) > float(rows[1]["recon_psnr_cgls"]) - 0.5
@@ -59,6 +67,19 @@ def test_eval_prior_numbers_csv_and_plot(tiny_prior, tmp_path, capsys):
         # seeded: the same prior and arguments give the same numbers
         assert rows[1][f"psnr_prior_t{t}"] == rows[0][f"psnr_prior_t{t}"]
         assert rows[1][f"psnr_tv_t{t}"] == rows[0][f"psnr_tv_t{t}"]
+
+
+def test_image_statistics_tell_a_flat_surround_from_texture():
+    import numpy as np
+
+    ev = _load_script()
+    disk = np.zeros((1, 32, 32))
+    yy, xx = np.mgrid[:32, :32]
+    disk[0][(yy - 16) ** 2 + (xx - 16) ** 2 < 64] = 1.0
+    noise = np.random.default_rng(0).random((1, 32, 32))
+    a, b = ev.image_statistics(disk), ev.image_statistics(noise)
+    assert a["background"] > 0.7 > 0.1 > b["background"]
+    assert a["gradient"] < b["gradient"] and a["mean"] == pytest.approx(disk.mean())
 
 
 def test_eval_prior_missing_prior_is_a_clear_error(tmp_path, capsys):

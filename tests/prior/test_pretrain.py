@@ -75,6 +75,7 @@ def test_corrupt_prior_refused(tmp_path):
         (["--preset", "huge"], 2, "preset"),
         (["--lr", "0"], 2, "--lr"),
         (["--warmup", "-1"], 2, "--warmup"),
+        (["--precision", "fp16"], 2, "--precision"),
     ],
 )
 def test_bad_options(cli, tmp_path, args, code, text):
@@ -201,3 +202,28 @@ def test_init_from_a_training_state_uses_its_ema(cli, tmp_path):
     c, meta = ckpt.load_prior(child)
     assert all(torch.allclose(a, b, atol=1e-8) for a, b in zip(p.state_dict().values(), c.state_dict().values()))
     assert meta["init"]["steps"] == 3 and meta["init"]["file"] == "parent.state.safetensors"
+
+
+def test_bf16_v_head_run_is_recorded_and_resumes(cli, tmp_path):
+    """The cpu preset's choices (bf16 autocast, v head) on the tiny net: recorded, resumable, loadable."""
+    out = tmp_path / "v.safetensors"
+    cfg = pt.PretrainConfig.from_preset("tiny", steps=4, precision="bf16")
+    cfg.architecture = dict(cfg.architecture, prediction="v")
+    meta = pt.train(cfg, out)
+    assert meta["prediction"] == "v" and meta["training"]["precision"] == "bf16"
+    assert meta["loss"]["last"] < 10  # finite, sane
+    cfg.steps = 6
+    assert pt.train(cfg, out, resume=True)["steps"] == 6
+    model, meta = ckpt.load_prior(out)
+    assert model.config.prediction == "v" and "abar" not in model.state_dict()
+
+
+def test_state_written_before_the_prediction_field_resumes(cli, tmp_path):
+    """States of the bundled eps prior carry no 'prediction' in their identity; they still resume."""
+    out = tmp_path / "p.safetensors"
+    assert cli(["pretrain-phantom", "-o", out, "--preset", "tiny", "--steps", "2"]).exit_code == 0
+    tensors, meta = ckpt.load_tensors(pt.state_path(out))
+    del meta["identity"]["architecture"]["prediction"]
+    ckpt.save_tensors(pt.state_path(out), tensors, meta)
+    r = cli(["pretrain-phantom", "-o", out, "--preset", "tiny", "--steps", "3", "--resume"])
+    assert r.exit_code == 0, r.output

@@ -27,6 +27,7 @@ def register(app: typer.Typer) -> None:
         init: Annotated[Optional[Path], typer.Option("--init", help="Start from this prior's weights (same architecture), e.g. whole images after crops.")] = None,
         lr: Annotated[Optional[float], typer.Option("--lr", help="AdamW learning rate (default: the preset's).")] = None,
         warmup: Annotated[Optional[int], typer.Option("--warmup", help="Linear learning-rate warm-up steps (default: the preset's).")] = None,
+        precision: Annotated[Optional[str], typer.Option("--precision", help="fp32 or bf16 (autocast forward pass; ~3x faster on CPUs with AVX512-BF16). Default: the preset's.")] = None,
         seed: SeedOpt = 0,
         device: DeviceOpt = "auto",
         overwrite: OverwriteOpt = False,
@@ -58,7 +59,7 @@ def register(app: typer.Typer) -> None:
         cfg = pt.PretrainConfig.from_preset(
             preset, resolution=resolution, steps=steps, batch_size=batch_size, seed=seed,
             crop=(None if crop == 0 else crop) if crop is not None else pt.PRESETS.get(preset, {}).get("crop"),
-            sample_every=sample_every, checkpoint_every=checkpoint_every, lr=lr, warmup=warmup,
+            sample_every=sample_every, checkpoint_every=checkpoint_every, lr=lr, warmup=warmup, precision=precision,
         )
         if lr is not None and not lr > 0:
             raise UsageError(f"--lr must be positive, got {lr}")

@@ -6,6 +6,15 @@ multipliers. It predicts the noise :math:`\\epsilon` and is fully convolutional,
 runs on grids other than the training size (any side divisible by
 ``2 ** (len(channel_mult) - 1)``).
 
+Output parameterisation (``prediction``): ``"eps"`` returns the head's output as ε̂;
+``"v"`` (Salimans & Ho 2022) has the head predict
+:math:`v = \\sqrt{\\bar\\alpha_t}\\,\\epsilon - \\sqrt{1-\\bar\\alpha_t}\\,x_0` and returns
+:math:`\\hat\\epsilon = \\sqrt{1-\\bar\\alpha_t}\\,x_t + \\sqrt{\\bar\\alpha_t}\\,\\hat v`. Either way
+``forward`` predicts ε, so samplers and adapters never see the difference; ``"v"`` carries
+the input through to the output, so at high noise (ᾱ ~ 1e-4, where x̂0 amplifies any
+error in ε̂ a hundredfold) ε̂ is exact up to the head's small share, and its training loss
+(on v) keeps weight on the high-noise steps that decide a sample's layout.
+
 Every learnable map inside :class:`ResBlock` and :class:`AttentionBlock` is a plain
 ``nn.Conv2d`` or ``nn.Linear`` so that the engine can inject LoRA adapters into them.
 """
@@ -18,6 +27,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+
+PREDICTIONS = ("eps", "v")
 
 
 @dataclass
@@ -33,6 +45,7 @@ class UNetConfig:
     num_heads: int = 4
     num_groups: int = 8
     dropout: float = 0.0
+    prediction: str = "eps"
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -46,7 +59,10 @@ class UNetConfig:
         d["channel_mult"] = tuple(d.get("channel_mult", (1, 2, 2, 2)))
         d["attention_levels"] = tuple(d.get("attention_levels", ()))
         known = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        cfg = cls(**{k: v for k, v in d.items() if k in known})
+        if cfg.prediction not in PREDICTIONS:
+            raise ValueError(f"unknown prediction {cfg.prediction!r} (expected one of {', '.join(PREDICTIONS)})")
+        return cfg
 
     @property
     def downsampling_factor(self) -> int:
@@ -127,7 +143,11 @@ class Upsample(nn.Module):
 
 
 class UNet(nn.Module):
-    """ε-prediction U-Net: ``forward(x [B, C, H, W], t [B]) -> ε̂ [B, C, H, W]``."""
+    """ε-prediction U-Net: ``forward(x [B, C, H, W], t [B]) -> ε̂ [B, C, H, W]``.
+
+    ``forward(x, t, raw=True)`` returns the head's output (ε̂ or v̂, see ``prediction``)
+    and :meth:`target` what it is trained to match.
+    """
 
     def __init__(self, config: UNetConfig | None = None) -> None:
         super().__init__()
@@ -171,6 +191,26 @@ class UNet(nn.Module):
         self.out_conv = nn.Conv2d(cur, cfg.out_channels, 3, padding=1)
         nn.init.zeros_(self.out_conv.weight)
         nn.init.zeros_(self.out_conv.bias)
+        if cfg.prediction not in PREDICTIONS:
+            raise ValueError(f"unknown prediction {cfg.prediction!r} (expected one of {', '.join(PREDICTIONS)})")
+        if cfg.prediction == "v":  # the fixed schedule (not a parameter, not saved)
+            from d3ip_cli.prior.schedule import alphas_cumprod
+
+            self.register_buffer("abar", alphas_cumprod().float(), persistent=False)
+
+    def _coefficients(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        r""":math:`(\sqrt{\bar\alpha_t}, \sqrt{1-\bar\alpha_t})` shaped to broadcast against ``like``."""
+        idx = t.to(self.abar.device).round().long().clamp(0, self.abar.numel() - 1)
+        idx = idx.expand(like.shape[0]) if idx.dim() == 0 else idx
+        a = self.abar[idx].to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
+        return a.sqrt(), (1 - a).sqrt()
+
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """What the head (``forward(..., raw=True)``) is trained to output for ``x_t = q(x0, noise, t)``."""
+        if self.config.prediction == "eps":
+            return noise
+        sa, s1 = self._coefficients(t, x0)
+        return sa * noise - s1 * x0
 
     @staticmethod
     def _run(blocks: nn.ModuleList, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
@@ -178,7 +218,7 @@ class UNet(nn.Module):
             h = block(h, emb) if isinstance(block, ResBlock) else block(h)
         return h
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, raw: bool = False) -> torch.Tensor:
         f = self.config.downsampling_factor
         if x.shape[-1] % f or x.shape[-2] % f:
             raise ValueError(f"image size {tuple(x.shape[-2:])} is not divisible by the network's downsampling factor {f}")
@@ -191,4 +231,8 @@ class UNet(nn.Module):
         h = self._run(self.middle, h, emb)
         for blocks in self.up:
             h = self._run(blocks, torch.cat([h, hs.pop()], dim=1), emb)
-        return self.out_conv(F.silu(self.out_norm(h)))
+        out = self.out_conv(F.silu(self.out_norm(h)))
+        if raw or self.config.prediction == "eps":
+            return out
+        sa, s1 = self._coefficients(t, x)  # in float32 even under autocast: ε̂ ≈ x_t at high noise
+        return s1 * x.float() + sa * out.float()

@@ -30,6 +30,8 @@ from d3ip_cli.prior import checkpoint as ckpt
 from d3ip_cli.prior import phantoms, schedule
 from d3ip_cli.prior.network import UNet, UNetConfig
 
+PRECISIONS = ("fp32", "bf16")
+
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {
         "architecture": {"model_channels": 16, "channel_mult": (1, 2), "num_res_blocks": 1, "attention_levels": (),
@@ -38,19 +40,21 @@ PRESETS: dict[str, dict[str, Any]] = {
         "checkpoint_every": 10, "sample_every": 0,
     },
     "cpu": {
-        # Sized by measurement on a 2-core CPU: ~16 images/s at 64x64 for this 2.4M-parameter
-        # net, ~5x slower at 128x128. It trains on random 64x64 windows of 128x128 phantoms
-        # (same pixel scale as inference at --grid 128; the net is fully convolutional).
+        # Sized by measurement on a 2-core CPU (scripts/bench_pretrain.py): this 2.4M-parameter
+        # net trains on whole 128x128 phantoms at ~6 images/s with bf16 autocast (~2 in
+        # float32). Whole images, not windows, so that the net learns a phantom's layout; the
+        # v head keeps the high-noise steps, which set that layout, exact (network.py).
         "architecture": {"model_channels": 32, "channel_mult": (1, 2, 2, 2), "num_res_blocks": 2,
-                         "attention_levels": (), "num_heads": 4, "num_groups": 8},
-        "resolution": 128, "crop": 64, "batch_size": 16, "steps": 200_000, "lr": 5e-4, "warmup": 500,
-        "ema_decay": 0.999, "checkpoint_every": 250, "sample_every": 2000,
+                         "attention_levels": (), "num_heads": 4, "num_groups": 8, "prediction": "v"},
+        "resolution": 128, "crop": None, "batch_size": 16, "steps": 200_000, "lr": 5e-4, "warmup": 500,
+        "ema_decay": 0.999, "checkpoint_every": 100, "sample_every": 1000, "precision": "bf16",
     },
     "paper": {
         "architecture": {"model_channels": 128, "channel_mult": (1, 1, 2, 2, 4, 4), "num_res_blocks": 2,
-                         "attention_levels": (4,), "num_heads": 4, "num_groups": 32},
+                         "attention_levels": (4,), "num_heads": 4, "num_groups": 32,
+                         "prediction": "v"},
         "resolution": 256, "crop": None, "batch_size": 32, "steps": 300_000, "lr": 1e-4, "warmup": 1000,
-        "ema_decay": 0.9999, "checkpoint_every": 2000, "sample_every": 10_000,
+        "ema_decay": 0.9999, "checkpoint_every": 2000, "sample_every": 10_000, "precision": "bf16",
     },
 }
 
@@ -73,6 +77,7 @@ class PretrainConfig:
     seed: int = 0
     checkpoint_every: int = 10
     sample_every: int = 0
+    precision: str = "fp32"  # "bf16": autocast the forward pass (AdamW, EMA and the loss stay float32)
     recipe: dict = field(default_factory=lambda: {"frac_3d": 0.5, "mean_count_2d": 140.0, "mean_count_3d": 250.0,
                                                   "size_scale": phantoms.SIZE_SCALE})
 
@@ -101,6 +106,8 @@ class PretrainConfig:
         if self.resolution % f or train_size % f:
             raise UsageError(f"--resolution {self.resolution} (training size {train_size}) is not divisible by the "
                              f"network's downsampling factor {f}")
+        if self.precision not in PRECISIONS:
+            raise UsageError(f"--precision {self.precision!r}: expected one of {', '.join(PRECISIONS)}")
         if self.crop is not None and self.crop > self.resolution:
             self.crop = None
 
@@ -235,8 +242,10 @@ def train(
         if not spath.exists():
             raise InputDataError(f"--resume: no training state at {spath} (start without --resume)")
         tensors, meta = ckpt.load_tensors(spath)
-        if meta.get("identity") != _jsonable(cfg.identity()):
-            theirs, ours = meta.get("identity") or {}, _jsonable(cfg.identity())
+        theirs, ours = dict(meta.get("identity") or {}), _jsonable(cfg.identity())
+        if "architecture" in theirs:  # states written before a field existed hold its default
+            theirs["architecture"] = _jsonable(UNetConfig.from_dict(theirs["architecture"]).to_dict())
+        if theirs != ours:
             diff = ", ".join(f"{k} {theirs.get(k)!r} (now {ours.get(k)!r})" for k in ours if theirs.get(k) != ours.get(k))
             raise InputDataError(f"--resume: {spath} was written with different settings ({diff}); "
                                  "refusing to mix runs")
@@ -276,7 +285,9 @@ def train(
         t = torch.randint(0, schedule.NUM_STEPS, (x0.shape[0],), generator=g, device=device)
         noise = torch.randn(x0.shape, generator=g, device=device)
         xt = schedule.q_sample(x0, t, noise, abar)
-        loss = (net(xt, t) - noise).pow(2).mean()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+            out = net(xt, t, raw=True)
+        loss = (out.float() - model.target(x0, noise, t)).pow(2).mean()
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
         opt.zero_grad(set_to_none=True)
@@ -382,13 +393,13 @@ def _checkpoint(cfg: PretrainConfig, output: str | os.PathLike, model: UNet, ema
         "version": __version__,
         "schedule": schedule.schedule_metadata(),
         "resolution": cfg.resolution,
-        "prediction": "eps",
+        "prediction": cfg.unet_config().prediction,
         "data_range": [0.0, 1.0],
         "model_range": [-1.0, 1.0],
         "data": {"generator": "d3ip_cli.prior.phantoms.training_batch", "recipe": cfg.recipe_full(), "seed": cfg.seed,
                  "real_images": False},
         "preset": cfg.preset,
-        "training": {"batch_size": cfg.batch_size, "world_size": world, "lr": cfg.lr, "warmup": cfg.warmup,
+        "training": {"batch_size": cfg.batch_size, "world_size": world, "precision": cfg.precision, "lr": cfg.lr, "warmup": cfg.warmup,
                      "ema_decay": cfg.ema_decay, "grad_clip": cfg.grad_clip, "optimizer": "AdamW",
                      "target_steps": cfg.steps, "argv": argv or []},
         "steps": steps,
