@@ -21,6 +21,25 @@ def test_every_method_runs_on_ct(method, tiny_prior, ct_case):
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # caller's prior untouched
 
 
+@pytest.mark.parametrize("method", ["dds", "d3ip"])
+def test_a_v_head_prior_serves_the_engine(method, ct_case, tmp_path):
+    """The cpu preset's v head: the engine sees ε̂ as from any prior; adapters train, the base stays put."""
+    from d3ip_cli.prior import pretrain as pt
+    from d3ip_cli.prior.checkpoint import load_prior
+
+    cfg = pt.PretrainConfig.from_preset("tiny", steps=3)
+    cfg.architecture = dict(cfg.architecture, prediction="v")
+    pt.train(cfg, tmp_path / "v.safetensors")
+    model, _ = load_prior(tmp_path / "v.safetensors")
+    x, op, y, x0 = ct_case
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    s = settings_for(method, "fast", "CT", steps=4, adapt_iters=1)
+    r = reconstruct(method, model, op, y, x0, s, generator=torch.Generator().manual_seed(0))
+    assert r.image.shape == x.shape and torch.isfinite(r.image).all()
+    assert (r.stats["adapt_steps"] > 0) == (method == "d3ip")
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
 @pytest.mark.parametrize("method", ["dds", "d3ip", "d3ip-mbir"])
 def test_every_method_runs_on_mri(method, tiny_prior):
     from d3ip_cli.physics.registry import make_operator
