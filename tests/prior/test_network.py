@@ -42,21 +42,28 @@ def test_schedule():
 def test_v_head_predicts_eps():
     """A v-head net returns ε̂ = √(1-ᾱ)x_t + √ᾱ v̂; fed its own target it returns the exact noise."""
     net = UNet(UNetConfig(**{**TINY.__dict__, "prediction": "v"}))
+    torch.nn.init.normal_(net.out_conv.weight, std=0.1)  # a head that says something (it starts at zero)
     abar = schedule.alphas_cumprod()
     g = torch.Generator().manual_seed(0)
     x0, noise = torch.rand(4, 1, 16, 16, generator=g) * 2 - 1, torch.randn(4, 1, 16, 16, generator=g)
     t = torch.tensor([0, 300, 700, 999])
-    xt = schedule.q_sample(x0, t, noise, abar)
+    xt = schedule.q_sample(x0, t, noise, abar).float()
     v = net.target(x0, noise, t)
-    a = abar[t].float().view(-1, 1, 1, 1)
-    assert torch.allclose((1 - a).sqrt() * xt + a.sqrt() * v, noise, atol=1e-5)
-    # forward = that combination of the head's raw output
+    sa, s1 = abar[t].float().sqrt().view(-1, 1, 1, 1), (1 - abar[t].float()).sqrt().view(-1, 1, 1, 1)
+    assert torch.allclose(s1 * xt + sa * v, noise, atol=1e-5)
     with torch.no_grad():
         raw, eps = net(xt, t, raw=True), net(xt, t)
-    assert torch.allclose(eps, (1 - a).sqrt() * xt + a.sqrt() * raw, atol=1e-6)
-    # at the start the head outputs zero, so x̂0 = √ᾱ x_t: bounded even at t = 999 (an ε head's x̂0 is x_t/√ᾱ there)
-    x0_hat = (xt - (1 - a).sqrt() * eps) / a.sqrt()
-    assert x0_hat.abs().max() < 5
+    assert raw.abs().mean() > 1e-3
+    assert torch.allclose(eps, s1 * xt + sa * raw, atol=1e-6)
+    # the sampler's x̂0 from this ε̂ is √ᾱ x_t − √(1-ᾱ) v̂: bounded at t = 999, where an ε head's is x_t / √ᾱ
+    x0_hat = (xt - s1 * eps) / sa
+    assert torch.allclose(x0_hat, sa * xt - s1 * raw, atol=2e-3)
+    # timesteps off the schedule are refused
+    for bad in (torch.tensor([1000]), torch.tensor([-1]), torch.tensor([10.5])):
+        with pytest.raises(ValueError, match="whole timesteps"):
+            net(xt[:1], bad)
+    # the schedule is no state: not saved, and not rounded by .half()
+    assert not any("abar" in k for k in net.state_dict()) and net.half()._abar.dtype == torch.float32
 
 
 def test_eps_head_target_is_the_noise_and_unknown_head_refused():

@@ -36,11 +36,15 @@ def test_tiny_run_and_checkpoint_round_trip(cli, tmp_path):
         assert torch.equal(v, state[f"ema.{k}"])
 
 
-def test_resume_is_exact(cli, tmp_path):
+@pytest.mark.parametrize("head", [["--prediction", "eps", "--precision", "fp32"],
+                                  ["--prediction", "v", "--precision", "bf16"]], ids=["eps-fp32", "v-bf16"])
+def test_resume_is_exact(cli, tmp_path, head):
     a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
-    assert cli(["pretrain-phantom", "-o", a, "--preset", "tiny", "--steps", "4"]).exit_code == 0
-    assert cli(["pretrain-phantom", "-o", a, "--preset", "tiny", "--steps", "8", "--resume"]).exit_code == 0
-    assert cli(["pretrain-phantom", "-o", b, "--preset", "tiny", "--steps", "8"]).exit_code == 0
+    assert cli(["pretrain-phantom", "-o", a, "--preset", "tiny", "--steps", "4", *head]).exit_code == 0
+    assert cli(["pretrain-phantom", "-o", a, "--preset", "tiny", "--steps", "8", "--resume", *head]).exit_code == 0
+    assert cli(["pretrain-phantom", "-o", b, "--preset", "tiny", "--steps", "8", *head]).exit_code == 0
+    meta = ckpt.read_metadata(a)
+    assert (meta["prediction"], meta["training"]["precision"]) == (head[1], head[3])
     wa, wb = _weights(a), _weights(b)
     assert wa.keys() == wb.keys()
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
@@ -51,6 +55,8 @@ def test_resume_with_other_settings_refused(cli, tmp_path):
     assert cli(["pretrain-phantom", "-o", a, "--preset", "tiny", "--steps", "2"]).exit_code == 0
     r = cli(["pretrain-phantom", "-o", a, "--preset", "tiny", "--steps", "4", "--resume", "--seed", "9"])
     assert r.exit_code == 3 and "different settings (seed 0 (now 9))" in r.output
+    r = cli(["pretrain-phantom", "-o", a, "--preset", "tiny", "--steps", "4", "--resume", "--precision", "bf16"])
+    assert r.exit_code == 3 and "precision 'fp32' (now 'bf16')" in r.output
 
 
 def test_pickle_prior_refused(tmp_path):
@@ -76,6 +82,7 @@ def test_corrupt_prior_refused(tmp_path):
         (["--lr", "0"], 2, "--lr"),
         (["--warmup", "-1"], 2, "--warmup"),
         (["--precision", "fp16"], 2, "--precision"),
+        (["--prediction", "x0"], 2, "--prediction"),
     ],
 )
 def test_bad_options(cli, tmp_path, args, code, text):
@@ -219,11 +226,43 @@ def test_bf16_v_head_run_is_recorded_and_resumes(cli, tmp_path):
 
 
 def test_state_written_before_the_prediction_field_resumes(cli, tmp_path):
-    """States of the bundled eps prior carry no 'prediction' in their identity; they still resume."""
+    """States written before the head and precision were settings (like the bundled ε prior's) resume as
+    an ε head in float32."""
     out = tmp_path / "p.safetensors"
     assert cli(["pretrain-phantom", "-o", out, "--preset", "tiny", "--steps", "2"]).exit_code == 0
     tensors, meta = ckpt.load_tensors(pt.state_path(out))
-    del meta["identity"]["architecture"]["prediction"]
+    del meta["identity"]["architecture"]["prediction"], meta["identity"]["precision"]
     ckpt.save_tensors(pt.state_path(out), tensors, meta)
     r = cli(["pretrain-phantom", "-o", out, "--preset", "tiny", "--steps", "3", "--resume"])
     assert r.exit_code == 0, r.output
+    r = cli(["pretrain-phantom", "-o", out, "--preset", "tiny", "--steps", "4", "--resume", "--prediction", "v"])
+    assert r.exit_code == 3 and "prediction" in r.output
+
+
+def test_the_bundled_states_recipe_resumes_from_the_cli(cli, tmp_path):
+    """The committed state of the bundled prior (cpu preset before the v head: ε head, 64² windows,
+    float32) is continued with the options training/README.md gives; checked on its real header."""
+    from pathlib import Path
+
+    state = Path(__file__).resolve().parents[2] / "training" / "prior_cpu" / "phantom_cpu.state.safetensors"
+    ident = ckpt.read_metadata(state)["identity"]
+    cfg = pt.PretrainConfig.from_preset("cpu", crop=64, precision="fp32")
+    cfg.architecture = dict(cfg.architecture, prediction="eps")
+    theirs = dict(ident, precision=ident.get("precision", "fp32"))
+    theirs["architecture"] = pt._jsonable(pt.UNetConfig.from_dict(ident["architecture"]).to_dict())
+    assert theirs == pt._jsonable(cfg.identity())
+
+
+def test_prior_with_unknown_head_or_schedule_refused(tmp_path):
+    from d3ip_cli.core.errors import InputDataError
+
+    out = tmp_path / "p.safetensors"
+    pt.train(pt.PretrainConfig.from_preset("tiny", steps=1), out)
+    tensors, meta = ckpt.load_tensors(out)
+    for change, text in ((lambda m: m["architecture"].update(prediction="x0"), "architecture"),
+                         (lambda m: m["schedule"].update(beta_end=0.03), "noise schedule")):
+        bad = {**meta, "architecture": dict(meta["architecture"]), "schedule": dict(meta["schedule"])}
+        change(bad)
+        ckpt.save_tensors(tmp_path / "bad.safetensors", tensors, bad)
+        with pytest.raises(InputDataError, match=text):
+            ckpt.load_prior(tmp_path / "bad.safetensors")

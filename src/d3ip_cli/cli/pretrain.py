@@ -15,7 +15,7 @@ def register(app: typer.Typer) -> None:
     @guarded
     def pretrain_phantom(
         output: Annotated[Path, typer.Option("-o", "--output", help="Prior file to write (.safetensors).")],
-        preset: Annotated[str, typer.Option("--preset", help="tiny (seconds), cpu (the bundled prior), paper (GPU).")] = "cpu",
+        preset: Annotated[str, typer.Option("--preset", help="tiny (seconds), cpu (the default prior's recipe), paper (GPU).")] = "cpu",
         resolution: Annotated[Optional[int], typer.Option("--resolution", help="Phantom size in pixels.")] = None,
         steps: Annotated[Optional[int], typer.Option("--steps", help="Total optimisation steps (a resumed run continues up to it).")] = None,
         batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Images per step and process.")] = None,
@@ -27,7 +27,8 @@ def register(app: typer.Typer) -> None:
         init: Annotated[Optional[Path], typer.Option("--init", help="Start from this prior's weights (same architecture), e.g. whole images after crops.")] = None,
         lr: Annotated[Optional[float], typer.Option("--lr", help="AdamW learning rate (default: the preset's).")] = None,
         warmup: Annotated[Optional[int], typer.Option("--warmup", help="Linear learning-rate warm-up steps (default: the preset's).")] = None,
-        precision: Annotated[Optional[str], typer.Option("--precision", help="fp32 or bf16 (autocast forward pass; ~3x faster on CPUs with AVX512-BF16). Default: the preset's.")] = None,
+        precision: Annotated[Optional[str], typer.Option("--precision", help="fp32, bf16 (autocast forward pass; ~3x faster on CPUs with AVX512-BF16) or auto (bf16 where supported). Default: the preset's.")] = None,
+        prediction: Annotated[Optional[str], typer.Option("--prediction", help="The network's head: eps or v (it answers with ε either way). Default: the preset's.")] = None,
         seed: SeedOpt = 0,
         device: DeviceOpt = "auto",
         overwrite: OverwriteOpt = False,
@@ -61,6 +62,12 @@ def register(app: typer.Typer) -> None:
             crop=(None if crop == 0 else crop) if crop is not None else pt.PRESETS.get(preset, {}).get("crop"),
             sample_every=sample_every, checkpoint_every=checkpoint_every, lr=lr, warmup=warmup, precision=precision,
         )
+        if prediction is not None:
+            from d3ip_cli.prior.network import PREDICTIONS
+
+            if prediction not in PREDICTIONS:
+                raise UsageError(f"--prediction {prediction!r}: expected one of {', '.join(PREDICTIONS)}")
+            cfg.architecture = dict(cfg.architecture, prediction=prediction)
         if lr is not None and not lr > 0:
             raise UsageError(f"--lr must be positive, got {lr}")
         if warmup is not None and warmup < 0:
@@ -75,6 +82,7 @@ def register(app: typer.Typer) -> None:
                 raise OutputError(f"training state {pt.state_path(output)} exists (use --resume or --overwrite)")
 
         dev = resolve_device(device)
+        cfg.precision = pt.resolve_precision(cfg.precision, dev)
         distributed = pt.init_distributed(dev)
         if distributed and dev.type == "cuda":
             import os
@@ -145,10 +153,12 @@ def _loss_curve(output: Path, png: Path, preset: str) -> None:
     from d3ip_cli.prior import checkpoint as ckpt
     from d3ip_cli.prior import pretrain as pt
 
-    tensors, _ = ckpt.load_tensors(pt.state_path(output))
+    tensors, meta = ckpt.load_tensors(pt.state_path(output))
+    head = ((meta.get("identity") or {}).get("architecture") or {}).get("prediction", "eps")
     losses = tensors["loss_history"].numpy()
     if len(losses):
-        save_curve(range(1, len(losses) + 1), losses, png, xlabel="step", ylabel="ε-MSE loss", logy=True,
+        save_curve(range(1, len(losses) + 1), losses, png, xlabel="step", ylabel=f"{head.replace('eps', 'ε')}-MSE loss",
+                   logy=True,
                    smooth=min(200, max(1, len(losses) // 10)), title=f"pretrain-phantom ({preset})")
 
 

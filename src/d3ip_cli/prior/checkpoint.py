@@ -5,7 +5,7 @@ metadata key ``"d3ip"``::
 
     {"format": "d3ip-prior", "version": ..., "architecture": {...UNetConfig...},
      "schedule": {...}, "resolution": 128, "data": {"recipe": {...}, "seed": 0},
-     "steps": N, "images_seen": N, "loss": {...summary...}, "prediction": "eps",
+     "steps": N, "images_seen": N, "loss": {...summary...}, "prediction": "eps" | "v",
      "data_range": [0, 1], "model_range": [-1, 1]}
 
 The training state (for ``--resume``) lives beside it as ``PRIOR.state.safetensors``
@@ -110,9 +110,14 @@ def load_prior(path: str | os.PathLike, device: torch.device | str = "cpu") -> t
     try:
         model = UNet(UNetConfig.from_dict(meta["architecture"]))
         model.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=True)
-    except (KeyError, RuntimeError, TypeError) as exc:
+    except (KeyError, RuntimeError, TypeError, ValueError) as exc:
         first = str(exc).splitlines()[0][:200]
         raise InputDataError(f"{path}: weights do not match the architecture in its header ({first})") from None
+    from d3ip_cli.prior.schedule import schedule_metadata
+
+    if meta.get("schedule", schedule_metadata()) != schedule_metadata():  # the samplers use the fixed schedule
+        raise InputDataError(f"{path} was trained with another noise schedule ({meta['schedule']}); "
+                             f"d3ip samples with {schedule_metadata()}")
     meta = dict(meta, sha256=file_sha256(path), path=str(Path(path).resolve()))
     return model.to(device).eval(), meta
 

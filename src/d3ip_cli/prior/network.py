@@ -11,8 +11,8 @@ Output parameterisation (``prediction``): ``"eps"`` returns the head's output as
 :math:`v = \\sqrt{\\bar\\alpha_t}\\,\\epsilon - \\sqrt{1-\\bar\\alpha_t}\\,x_0` and returns
 :math:`\\hat\\epsilon = \\sqrt{1-\\bar\\alpha_t}\\,x_t + \\sqrt{\\bar\\alpha_t}\\,\\hat v`. Either way
 ``forward`` predicts ε, so samplers and adapters never see the difference; ``"v"`` carries
-the input through to the output, so at high noise (ᾱ ~ 1e-4, where x̂0 amplifies any
-error in ε̂ a hundredfold) ε̂ is exact up to the head's small share, and its training loss
+the input through to the output, so at high noise (ᾱ ≈ 4e-5 at t = 999, where x̂0
+multiplies any error in ε̂ by 1/√ᾱ ≈ 160) ε̂ is exact up to the head's small share, and its training loss
 (on v) keeps weight on the high-noise steps that decide a sample's layout.
 
 Every learnable map inside :class:`ResBlock` and :class:`AttentionBlock` is a plain
@@ -193,16 +193,19 @@ class UNet(nn.Module):
         nn.init.zeros_(self.out_conv.bias)
         if cfg.prediction not in PREDICTIONS:
             raise ValueError(f"unknown prediction {cfg.prediction!r} (expected one of {', '.join(PREDICTIONS)})")
-        if cfg.prediction == "v":  # the fixed schedule (not a parameter, not saved)
+        if cfg.prediction == "v":  # the fixed schedule: a plain attribute, so .half() or a state dict never touch it
             from d3ip_cli.prior.schedule import alphas_cumprod
 
-            self.register_buffer("abar", alphas_cumprod().float(), persistent=False)
+            self._abar = alphas_cumprod().float()
 
     def _coefficients(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        r""":math:`(\sqrt{\bar\alpha_t}, \sqrt{1-\bar\alpha_t})` shaped to broadcast against ``like``."""
-        idx = t.to(self.abar.device).round().long().clamp(0, self.abar.numel() - 1)
-        idx = idx.expand(like.shape[0]) if idx.dim() == 0 else idx
-        a = self.abar[idx].to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
+        r""":math:`(\sqrt{\bar\alpha_t}, \sqrt{1-\bar\alpha_t})` in float32, shaped to broadcast against ``like``."""
+        abar = self._abar.to(t.device)
+        t = t.reshape(-1).expand(like.shape[0]) if t.numel() == 1 else t.reshape(-1)
+        idx = t.long()
+        if not torch.equal(idx.to(t.dtype), t) or idx.min() < 0 or idx.max() >= abar.numel():
+            raise ValueError(f"a v-head network needs whole timesteps in [0, {abar.numel() - 1}]")
+        a = abar[idx].view(-1, *([1] * (like.dim() - 1)))
         return a.sqrt(), (1 - a).sqrt()
 
     def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -210,7 +213,7 @@ class UNet(nn.Module):
         if self.config.prediction == "eps":
             return noise
         sa, s1 = self._coefficients(t, x0)
-        return sa * noise - s1 * x0
+        return sa * noise.float() - s1 * x0.float()
 
     @staticmethod
     def _run(blocks: nn.ModuleList, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
@@ -235,4 +238,5 @@ class UNet(nn.Module):
         if raw or self.config.prediction == "eps":
             return out
         sa, s1 = self._coefficients(t, x)  # in float32 even under autocast: ε̂ ≈ x_t at high noise
-        return s1 * x.float() + sa * out.float()
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        return s1.to(dtype) * x.to(dtype) + sa.to(dtype) * out.to(dtype)

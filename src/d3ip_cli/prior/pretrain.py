@@ -2,8 +2,12 @@
 
 Denoising score matching on phantoms generated on the fly: for a batch :math:`x_0`
 of phantoms mapped to ``[-1, 1]``, random steps :math:`t` and noise :math:`\\epsilon`,
-minimise :math:`\\lVert \\epsilon_\\theta(x_t, t) - \\epsilon \\rVert^2` with AdamW,
-gradient clipping and an EMA of the weights.
+minimise the squared error of the network's head against its target with AdamW,
+gradient clipping and an EMA of the weights: :math:`\\lVert \\epsilon_\\theta(x_t, t) - \\epsilon \\rVert^2`
+for an ε head, :math:`\\lVert v_\\theta(x_t, t) - v \\rVert^2` with
+:math:`v = \\sqrt{\\bar\\alpha_t}\\,\\epsilon - \\sqrt{1-\\bar\\alpha_t}\\,x_0` for a v head
+(:mod:`d3ip_cli.prior.network`). ``precision="bf16"`` runs the forward pass under
+``torch.autocast(bfloat16)``; ``"auto"`` picks it where the device supports bfloat16.
 
 Every random draw of step ``s`` on rank ``r`` comes from a generator seeded with
 ``(seed, s, r)``, so ``--resume`` continues *exactly*: the weights after N + N resumed
@@ -30,7 +34,21 @@ from d3ip_cli.prior import checkpoint as ckpt
 from d3ip_cli.prior import phantoms, schedule
 from d3ip_cli.prior.network import UNet, UNetConfig
 
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "auto")
+
+
+def resolve_precision(precision: str, device: torch.device | str) -> str:
+    """``"auto"`` -> ``"bf16"`` where the device computes bfloat16 natively (CPUs with
+    AVX512-BF16/AMX, Ampere or later GPUs), else ``"fp32"``; other values unchanged."""
+    if precision != "auto":
+        return precision
+    device = torch.device(device)
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    try:
+        return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+    except (AttributeError, RuntimeError):
+        return "fp32"
 
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {
@@ -42,19 +60,18 @@ PRESETS: dict[str, dict[str, Any]] = {
     "cpu": {
         # Sized by measurement on a 2-core CPU (scripts/bench_pretrain.py): this 2.4M-parameter
         # net trains on whole 128x128 phantoms at ~6 images/s with bf16 autocast (~2 in
-        # float32). Whole images, not windows, so that the net learns a phantom's layout; the
+        # float32) on an AVX512-BF16 CPU. Whole images, not windows, so that the net learns a phantom's layout; the
         # v head keeps the high-noise steps, which set that layout, exact (network.py).
         "architecture": {"model_channels": 32, "channel_mult": (1, 2, 2, 2), "num_res_blocks": 2,
                          "attention_levels": (), "num_heads": 4, "num_groups": 8, "prediction": "v"},
         "resolution": 128, "crop": None, "batch_size": 16, "steps": 200_000, "lr": 5e-4, "warmup": 500,
-        "ema_decay": 0.999, "checkpoint_every": 100, "sample_every": 1000, "precision": "bf16",
+        "ema_decay": 0.999, "checkpoint_every": 100, "sample_every": 1000, "precision": "auto",
     },
     "paper": {
         "architecture": {"model_channels": 128, "channel_mult": (1, 1, 2, 2, 4, 4), "num_res_blocks": 2,
-                         "attention_levels": (4,), "num_heads": 4, "num_groups": 32,
-                         "prediction": "v"},
+                         "attention_levels": (4,), "num_heads": 4, "num_groups": 32},
         "resolution": 256, "crop": None, "batch_size": 32, "steps": 300_000, "lr": 1e-4, "warmup": 1000,
-        "ema_decay": 0.9999, "checkpoint_every": 2000, "sample_every": 10_000, "precision": "bf16",
+        "ema_decay": 0.9999, "checkpoint_every": 2000, "sample_every": 10_000, "precision": "auto",
     },
 }
 
@@ -119,7 +136,7 @@ class PretrainConfig:
         return {"architecture": self.unet_config().to_dict(), "resolution": self.resolution, "crop": self.crop,
                 "batch_size": self.batch_size, "lr": self.lr, "warmup": self.warmup, "seed": self.seed,
                 "ema_decay": self.ema_decay, "grad_clip": self.grad_clip, "weight_decay": self.weight_decay,
-                "recipe": self.recipe}
+                "recipe": self.recipe, "precision": self.precision}
 
 
 def state_path(output: str | os.PathLike) -> Path:
@@ -216,6 +233,7 @@ def train(
         The metadata of the final checkpoint.
     """
     device = torch.device(device)
+    cfg.precision = resolve_precision(cfg.precision, device)
     rank, world = _dist_info()
     unet_cfg = cfg.unet_config()
     with torch.random.fork_rng(devices=[]):
@@ -243,8 +261,10 @@ def train(
             raise InputDataError(f"--resume: no training state at {spath} (start without --resume)")
         tensors, meta = ckpt.load_tensors(spath)
         theirs, ours = dict(meta.get("identity") or {}), _jsonable(cfg.identity())
-        if "architecture" in theirs:  # states written before a field existed hold its default
-            theirs["architecture"] = _jsonable(UNetConfig.from_dict(theirs["architecture"]).to_dict())
+        # states written before a field existed hold its default (an ε head, float32)
+        theirs.setdefault("precision", "fp32")
+        if "architecture" in theirs:
+            theirs["architecture"] = _jsonable(_arch_config(theirs["architecture"], spath).to_dict())
         if theirs != ours:
             diff = ", ".join(f"{k} {theirs.get(k)!r} (now {ours.get(k)!r})" for k in ours if theirs.get(k) != ours.get(k))
             raise InputDataError(f"--resume: {spath} was written with different settings ({diff}); "
@@ -327,13 +347,20 @@ def train(
     return meta
 
 
+def _arch_config(d: dict, path: str | os.PathLike) -> UNetConfig:
+    try:
+        return UNetConfig.from_dict(d)
+    except (TypeError, ValueError) as exc:
+        raise InputDataError(f"{path}: unusable architecture in its header ({exc})") from None
+
+
 def _load_init(path: str | os.PathLike, model: UNet, ema: UNet, cfg: PretrainConfig,
                device: torch.device) -> dict[str, Any]:
     """Copy the EMA weights of a prior file (or of a training state) into ``model`` and ``ema``;
     return the parent's training summary."""
     if ckpt.read_metadata(path).get("format") == "d3ip-train-state":
         tensors, meta = ckpt.load_tensors(path)
-        arch = UNetConfig.from_dict((meta.get("identity") or {}).get("architecture") or {})
+        arch = _arch_config((meta.get("identity") or {}).get("architecture") or {}, path)
         parent = UNet(arch)
         try:
             parent.load_state_dict({k[4:]: v.float() for k, v in tensors.items() if k.startswith("ema.")})
