@@ -261,8 +261,9 @@ def train(
             raise InputDataError(f"--resume: no training state at {spath} (start without --resume)")
         tensors, meta = ckpt.load_tensors(spath)
         theirs, ours = dict(meta.get("identity") or {}), _jsonable(cfg.identity())
-        # states written before a field existed hold its default (an ε head, float32)
-        theirs.setdefault("precision", "fp32")
+        # states written before a field existed hold its default (an ε head, float32), or for the
+        # precision what their training record says
+        theirs.setdefault("precision", (meta.get("training") or {}).get("precision", "fp32"))
         if "architecture" in theirs:
             theirs["architecture"] = _jsonable(_arch_config(theirs["architecture"], spath).to_dict())
         if theirs != ours:
