@@ -47,6 +47,10 @@ class UNetConfig:
     dropout: float = 0.0
     prediction: str = "eps"
 
+    def __post_init__(self) -> None:
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"unknown prediction {self.prediction!r} (expected one of {', '.join(PREDICTIONS)})")
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["channel_mult"] = list(self.channel_mult)
@@ -59,10 +63,7 @@ class UNetConfig:
         d["channel_mult"] = tuple(d.get("channel_mult", (1, 2, 2, 2)))
         d["attention_levels"] = tuple(d.get("attention_levels", ()))
         known = {f for f in cls.__dataclass_fields__}
-        cfg = cls(**{k: v for k, v in d.items() if k in known})
-        if cfg.prediction not in PREDICTIONS:
-            raise ValueError(f"unknown prediction {cfg.prediction!r} (expected one of {', '.join(PREDICTIONS)})")
-        return cfg
+        return cls(**{k: v for k, v in d.items() if k in known})
 
     @property
     def downsampling_factor(self) -> int:
@@ -191,8 +192,6 @@ class UNet(nn.Module):
         self.out_conv = nn.Conv2d(cur, cfg.out_channels, 3, padding=1)
         nn.init.zeros_(self.out_conv.weight)
         nn.init.zeros_(self.out_conv.bias)
-        if cfg.prediction not in PREDICTIONS:
-            raise ValueError(f"unknown prediction {cfg.prediction!r} (expected one of {', '.join(PREDICTIONS)})")
         if cfg.prediction == "v":  # the fixed schedule: a plain attribute, so .half() or a state dict never touch it
             from d3ip_cli.prior.schedule import alphas_cumprod
 
