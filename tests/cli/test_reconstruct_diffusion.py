@@ -188,3 +188,16 @@ def test_an_existing_std_map_is_refused_before_sampling(cli, prior, volume, tmp_
              "--steps", "2", "--samples", "2", "-o", out])
     assert r.exit_code == 4 and "r_std.npy" in r.output and "dds:" not in r.output
     assert (tmp_path / "r_std.npy").read_bytes() == b"keep" and not out.exists()
+
+
+def test_precision_is_recorded_resolved_and_a_bad_one_refused(cli, prior, volume, tmp_path):
+    base = ["reconstruct", volume, "--task", "sparse-view", "--views", "16", "--prior", prior, "--method", "dds",
+            "--steps", "2", "--json"]
+    r = cli([*base, "--precision", "bf16", "-o", tmp_path / "b.npy"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["engine"]["settings"]["precision"] == "bf16"
+    r = cli([*base, "-o", tmp_path / "a.npy"])  # the fast preset's "auto" is recorded as what ran
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["engine"]["settings"]["precision"] in ("fp32", "bf16")
+    r = cli([*base, "--precision", "fp16", "-o", tmp_path / "c.npy"])
+    assert r.exit_code == 2 and "--precision" in r.output and not (tmp_path / "c.npy").exists()

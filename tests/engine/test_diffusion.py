@@ -119,3 +119,39 @@ def test_memory_plan_linear_and_refusal():
     assert p16.per_slice_bytes == p64.per_slice_bytes and p16.chunk >= 1
     with pytest.raises(ResourceError, match="at most .* slices fit"):
         plan(10**6, (512, 512), 60 * 725, **kw)
+
+
+def test_bf16_autocast_runs_the_network_in_bf16_and_stays_close(tiny_prior, ct_case):
+    """``precision="bf16"``: the sampler and the adaptation loss see the network under
+    bfloat16 autocast (a different result, so it really ran) that stays close to float32;
+    the adapter still trains and the base weights stay put."""
+    from d3ip_cli.engine.diffusion import Autocast
+
+    _, model, _ = tiny_prior
+    x, op, y, x0 = ct_case
+    xt, t = torch.randn(2, 1, 32, 32), torch.tensor([500, 500])
+    with torch.no_grad():
+        assert torch.equal(Autocast(model, False)(xt, t), model(xt, t))
+        low = Autocast(model, True)(xt, t)
+    assert low.dtype == torch.float32 and not torch.equal(low, model(xt, t))
+    images = {}
+    for prec in ("fp32", "bf16"):
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        s = settings_for("d3ip", "fast", "CT", steps=4, adapt_iters=2, precision=prec)
+        r = reconstruct("d3ip", model, op, y, x0, s, generator=torch.Generator().manual_seed(0))
+        assert any(float(v.abs().max()) > 0 for k, v in r.adapter.items() if ".up." in k)
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+        images[prec] = r.image
+    diff = float((images["bf16"] - images["fp32"]).norm() / images["fp32"].norm())
+    assert 0 < diff < 0.05, diff
+
+
+def test_precision_is_checked():
+    from d3ip_cli.core.device import resolve_precision
+    from d3ip_cli.core.errors import UsageError
+
+    with pytest.raises(UsageError, match="--precision 'fp16'"):
+        settings_for("dds", "fast", "CT", precision="fp16")
+    assert resolve_precision("auto", "cpu") in ("fp32", "bf16")
+    assert settings_for("dds", "fast", "CT").precision == "auto"
+    assert settings_for("dds", "standard", "CT").precision == "fp32"

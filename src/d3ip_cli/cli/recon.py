@@ -88,6 +88,7 @@ def register(app: typer.Typer) -> None:
         train_bias: Annotated[Optional[bool], typer.Option("--train-bias/--no-train-bias", help="Adaptation: also train block biases.", rich_help_panel="Diffusion engine")] = None,
         cg_iter: Annotated[Optional[int], typer.Option("--cg-iter", help="Data consistency: CG iterations (default 5).", rich_help_panel="Diffusion engine")] = None,
         gamma: Annotated[Optional[float], typer.Option("--gamma", help="Data consistency: proximal weight γ (MRI).", rich_help_panel="Diffusion engine")] = None,
+        precision: Annotated[Optional[str], typer.Option("--precision", help="Diffusion: network arithmetic, fp32, bf16 or auto (bf16 where the device computes it natively; preset: fast auto, standard/paper fp32).", rich_help_panel="Diffusion engine")] = None,
         checkpoint_every: Annotated[Optional[int], typer.Option("--checkpoint-every", help="Checkpoint every N sampling steps (default 5).", rich_help_panel="Diffusion engine")] = None,
         adapter: Annotated[Optional[str], typer.Option("--adapter", help="Start from a saved adapter (.safetensors).", rich_help_panel="Diffusion engine")] = None,
         save_adapter: Annotated[Optional[str], typer.Option("--save-adapter", help="Save the adapted LoRA parameters (.safetensors).", rich_help_panel="Diffusion engine")] = None,
@@ -123,7 +124,7 @@ def register(app: typer.Typer) -> None:
             prior=prior, preset=preset, seed=seed, samples=samples, weight=weight, format=format, series=series,
             frame=frame, checkpoint_dir=checkpoint_dir, resume=resume, steps=steps, eta=eta, adapt_iters=adapt_iters,
             adapt_batch=adapt_batch, lr=lr, lora_rank=lora_rank, train_bias=train_bias, cg_iter=cg_iter, gamma=gamma,
-            checkpoint_every=checkpoint_every, adapter=adapter, save_adapter=save_adapter)
+            checkpoint_every=checkpoint_every, adapter=adapter, save_adapter=save_adapter, precision=precision)
         from d3ip_cli.engine import distributed
 
         if resume and not checkpoint_dir:

@@ -140,10 +140,11 @@ class ReconConfig(TaskOptions, NoiseOptions):
     checkpoint_every: Optional[int] = Field(None, ge=1)
     adapter: Optional[str] = None
     save_adapter: Optional[str] = None
+    precision: Optional[Literal["fp32", "bf16", "auto"]] = None
 
     ENGINE_FIELDS: ClassVar[tuple[str, ...]] = ("steps", "eta", "adapt_iters", "adapt_batch", "lr", "lora_rank",
                                                 "train_bias", "cg_iter", "gamma", "checkpoint_every", "adapter",
-                                                "save_adapter")
+                                                "save_adapter", "precision")
 
     @field_validator("slices")
     @classmethod

@@ -37,6 +37,7 @@ from typing import Any, Callable
 
 import torch
 
+from d3ip_cli.core.device import PRECISIONS, resolve_precision
 from d3ip_cli.core.errors import UsageError
 from d3ip_cli.engine import consistency, lora
 from d3ip_cli.engine.samplers import ddim_sample, diffuse
@@ -75,6 +76,7 @@ class DiffusionSettings:
     finetune_iters: int | None = None
     clip: float | None = 2.0
     adapt_cg: int = 1
+    precision: str = "fp32"  # fp32 | bf16 | auto: the network under bfloat16 autocast (sampling and adaptation)
 
     def validate(self) -> "DiffusionSettings":
         if not 1 <= self.steps <= 1000:
@@ -85,6 +87,8 @@ class DiffusionSettings:
             raise UsageError(f"unknown data consistency {self.dc!r}")
         if self.adapt_iters < 0 or self.adapt_batch < 1 or self.lora_rank < 1:
             raise UsageError("adaptation settings must be positive (iterations >= 0, batch >= 1, rank >= 1)")
+        if self.precision not in PRECISIONS:
+            raise UsageError(f"--precision {self.precision!r}: expected one of {', '.join(PRECISIONS)}")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -93,7 +97,8 @@ class DiffusionSettings:
 
 PRESETS: dict[str, dict[str, Any]] = {
     # a CPU user's settings: few steps, short adaptation
-    "fast": {"steps": 20, "adapt_iters": 3, "adapt_batch": 2, "cg_iter": 5, "meta_outer": 8, "meta_inner": 2},
+    "fast": {"steps": 20, "adapt_iters": 3, "adapt_batch": 2, "cg_iter": 5, "meta_outer": 8, "meta_inner": 2,
+             "precision": "auto"},
     # the paper's settings (DDS/D3IP): 50 steps, K = 10, M = 3, 5 CG iterations
     "standard": {"steps": 50, "adapt_iters": 10, "adapt_batch": 3, "cg_iter": 5},
     # the paper's settings plus the reference's bias training (GPU)
@@ -152,6 +157,27 @@ class StateMap:
             n = v.shape[0] // 2
             return torch.complex(v[:n], v[n:])
         return v
+
+
+class Autocast(torch.nn.Module):
+    """Runs ``inner`` under bfloat16 autocast and returns float32 (``enabled=False``: a pass-through).
+
+    Only the network's convolutions and matrix products run in bfloat16; the sampler's
+    arithmetic, the data consistency and the adapter's AdamW stay in float32. Holds no
+    parameters of its own, so adapters are read from and written to ``inner``.
+    """
+
+    def __init__(self, inner: torch.nn.Module, enabled: bool) -> None:
+        super().__init__()
+        self.inner = inner
+        self.enabled = enabled
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return self.inner(x, t)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+            out = self.inner(x, t)
+        return out.to(x.dtype)
 
 
 def make_eps_model(model: torch.nn.Module, chunk: int) -> Callable[[torch.Tensor, int], torch.Tensor]:
@@ -339,7 +365,9 @@ def reconstruct(
     chunk = s.chunk
     if saved is not None and 0 < int(saved[1].get("chunk", 0)) <= chunk:
         chunk = int(saved[1]["chunk"])  # batches as before (bitwise resume) when they still fit
-    eps_model = make_eps_model(net, chunk)
+    # the network as the sampler and the adaptation loss see it (bfloat16 autocast or not)
+    fwd = Autocast(net, resolve_precision(s.precision, dev) == "bf16")
+    eps_model = make_eps_model(fwd, chunk)
 
     def snapshot(extra: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out = dict(extra, rng=rng_tensor(generator))
@@ -356,7 +384,7 @@ def reconstruct(
             label: str, iters: int | None = None, resumable: bool = True) -> torch.Tensor:
         sm = StateMap(sub_op.in_shape[0], smap.complex)
         dc = make_dc(sub_op, y_sub, sm, s)
-        adapt = make_adapt_hook(net, params, sub_op, y_sub, sm, s, abar, generator, pool, iters, stats,
+        adapt = make_adapt_hook(fwd, params, sub_op, y_sub, sm, s, abar, generator, pool, iters, stats,
                                 sync=lockstep)
         start = 0
         if resumable and saved is not None and saved[1].get("stage") == "sample":
@@ -398,7 +426,7 @@ def reconstruct(
             done = list(tensors["done"].to(dev).unbind(0)) if "done" in tensors else []
             stats.update(meta.get("stats", {}))
         elif method == "d3ip-meta":
-            _reptile(net, params, op, y, x_init, smap, s, abar, generator, stats, progress)
+            _reptile(fwd, params, op, y, x_init, smap, s, abar, generator, stats, progress)
             init_state = lora.adapter_state(net)
         iters = s.finetune_iters if (method == "d3ip-meta" and s.finetune_iters is not None) else None
         for i in range(len(done), z):
@@ -515,6 +543,7 @@ def run_registered(name: str, op: LinearOperator, y: torch.Tensor, x_init: torch
     modality = "MR" if getattr(op, "complex_input", False) else "CT"
     overrides = {k: v for k, v in ctx.params.items() if k in SETTING_FIELDS}
     s = settings_for(name, ctx.preset or "fast", modality, **overrides)
+    s.precision = resolve_precision(s.precision, dev)  # the record and the checkpoint key name what ran
     rank, world_size = dist.world()
     z, h, w = op.in_shape
     z_rank = -(-z // world_size)  # the largest shard: what one rank holds

@@ -29,26 +29,11 @@ import torch
 import torch.nn as nn
 
 from d3ip_cli import __version__
+from d3ip_cli.core.device import PRECISIONS, resolve_precision
 from d3ip_cli.core.errors import InputDataError, UsageError
 from d3ip_cli.prior import checkpoint as ckpt
 from d3ip_cli.prior import phantoms, schedule
 from d3ip_cli.prior.network import UNet, UNetConfig
-
-PRECISIONS = ("fp32", "bf16", "auto")
-
-
-def resolve_precision(precision: str, device: torch.device | str) -> str:
-    """``"auto"`` -> ``"bf16"`` where the device computes bfloat16 natively (CPUs with
-    AVX512-BF16/AMX, Ampere or later GPUs), else ``"fp32"``; other values unchanged."""
-    if precision != "auto":
-        return precision
-    device = torch.device(device)
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    try:
-        return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
-    except (AttributeError, RuntimeError):
-        return "fp32"
 
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {
