@@ -176,6 +176,25 @@ def test_init_starts_a_new_stage_from_a_prior(cli, tmp_path):
     assert meta["data_step_offset"] == 4
 
 
+def test_init_may_change_the_head(cli, tmp_path):
+    """An ε prior starts a v-head stage: same weights, the new head recorded with the parent's."""
+    parent, child = tmp_path / "eps.safetensors", tmp_path / "v.safetensors"
+    assert cli(["pretrain-phantom", "-o", parent, "--preset", "tiny", "--steps", "3"]).exit_code == 0
+    r = cli(["pretrain-phantom", "-o", child, "--preset", "tiny", "--steps", "1", "--prediction", "v",
+             "--init", parent, "--lr", "1e-12", "--warmup", "0"])
+    assert r.exit_code == 0, r.output
+    p, pmeta = ckpt.load_prior(parent)
+    c, meta = ckpt.load_prior(child)
+    assert pmeta["architecture"].get("prediction", "eps") == "eps" and meta["architecture"]["prediction"] == "v"
+    assert meta["init"]["prediction"] == "eps"
+    for (k, vp), vc in zip(p.state_dict().items(), c.state_dict().values()):
+        assert torch.allclose(vp, vc, atol=1e-8), k
+    # same weights, another reading of them: the v net's ε̂ differs from the ε net's except as t -> 0
+    x, t = torch.randn(2, 1, 32, 32), torch.tensor([900, 900])
+    with torch.no_grad():
+        assert not torch.allclose(p(x, t), c(x, t), atol=1e-3)
+
+
 def test_init_refuses_another_architecture_and_resume(cli, tmp_path):
     parent, child = tmp_path / "parent.safetensors", tmp_path / "child.safetensors"
     assert cli(["pretrain-phantom", "-o", parent, "--preset", "tiny", "--steps", "2"]).exit_code == 0

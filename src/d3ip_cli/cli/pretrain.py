@@ -24,7 +24,7 @@ def register(app: typer.Typer) -> None:
         checkpoint_every: Annotated[Optional[int], typer.Option("--checkpoint-every", help="Checkpoint every N steps.")] = None,
         threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads (default: torch's choice).")] = None,
         resume: Annotated[bool, typer.Option("--resume", help="Continue exactly from OUTPUT's training state.")] = False,
-        init: Annotated[Optional[Path], typer.Option("--init", help="Start from this prior's weights (same architecture), e.g. whole images after crops.")] = None,
+        init: Annotated[Optional[Path], typer.Option("--init", help="Start from this prior's weights (same architecture; the head may differ, e.g. a v head from an ε prior), e.g. whole images after crops.")] = None,
         lr: Annotated[Optional[float], typer.Option("--lr", help="AdamW learning rate (default: the preset's).")] = None,
         warmup: Annotated[Optional[int], typer.Option("--warmup", help="Linear learning-rate warm-up steps (default: the preset's).")] = None,
         precision: Annotated[Optional[str], typer.Option("--precision", help="fp32, bf16 (autocast forward pass; ~3x faster on CPUs with AVX512-BF16) or auto (bf16 where supported). Default: the preset's.")] = None,

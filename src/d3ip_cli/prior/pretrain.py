@@ -357,9 +357,11 @@ def _load_init(path: str | os.PathLike, model: UNet, ema: UNet, cfg: PretrainCon
     else:
         parent, meta = ckpt.load_prior(path)
     parent = parent.to(device)
-    if parent.config.to_dict() != model.config.to_dict():
-        a, b = parent.config.to_dict(), model.config.to_dict()
-        diff = ", ".join(f"{k} {a.get(k)} vs {b.get(k)}" for k in b if a.get(k) != b.get(k))
+    # The head (what the last layer predicts) may change: an ε net is a v net's good start at
+    # low noise, where v ≈ ε, and has the same weights; everything else must match.
+    a, b = parent.config.to_dict(), model.config.to_dict()
+    diff = ", ".join(f"{k} {a.get(k)} vs {b.get(k)}" for k in b if a.get(k) != b.get(k) and k != "prediction")
+    if diff:
         raise InputDataError(f"--init {path}: its architecture differs from the preset's ({diff})")
     with torch.no_grad():
         model.load_state_dict(parent.state_dict())
@@ -368,6 +370,7 @@ def _load_init(path: str | os.PathLike, model: UNet, ema: UNet, cfg: PretrainCon
     summary = {k: meta.get(k) for k in keep if k in meta}
     summary["crop"] = (meta.get("data") or {}).get("recipe", {}).get("crop")
     summary["file"] = Path(path).name
+    summary["prediction"] = parent.config.prediction  # a head change shows as parent eps -> child v
     return _jsonable(summary)
 
 
