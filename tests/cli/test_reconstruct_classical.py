@@ -177,17 +177,59 @@ def test_overwrite_never_deletes_a_users_folder(cli, ct_slice, tmp_path):
     r = cli(["reconstruct", ct_slice, "--task", "sparse-view", "--method", "fbp", "-o", folder, "--overwrite"])
     assert r.exit_code == 4 and "did not write (notes.txt)" in r.output
     assert (folder / "notes.txt").read_text() == "important"
+    # a scanner's DICOM file (or anything named .dcm that d3ip did not write) is not replaced either
     (folder / "notes.txt").unlink()
-    (folder / ".DS_Store").write_bytes(b"x")  # a file browser's litter does not block --overwrite
-    (folder / "IM00001.dcm").write_bytes(b"x")
+    shutil.copy(ct_slice, folder / "IM00001.dcm")
+    (folder / "IM00002.dcm").write_bytes(b"x")
     r = cli(["reconstruct", ct_slice, "--task", "sparse-view", "--method", "fbp", "-o", folder, "--overwrite",
              "--format", "dicom"])
-    assert r.exit_code == 0, r.output
-    # a DICOM series d3ip wrote is replaced
+    assert r.exit_code == 4 and "did not write (IM00001.dcm, IM00002.dcm)" in r.output, r.output
+    assert (folder / "IM00001.dcm").read_bytes() == open(ct_slice, "rb").read()
+    # a DICOM series d3ip wrote is replaced, file-browser litter beside it or not
     series = tmp_path / "series"
     args = ["reconstruct", ct_slice, "--task", "sparse-view", "--method", "fbp", "-o", series, "--format", "dicom"]
     assert cli(args).exit_code == 0
+    (series / ".DS_Store").write_bytes(b"x")
     assert cli([*args, "--overwrite"]).exit_code == 0 and any(series.glob("*.dcm"))
+
+
+def test_an_input_is_never_replaced(cli, ct_slice, anatomy, tmp_path):
+    before = open(anatomy, "rb").read()
+    r = cli(["reconstruct", anatomy, "--task", "sparse-view", "--method", "fbp", "-o", anatomy, "--overwrite"])
+    assert r.exit_code == 4 and "would replace the input" in r.output, r.output
+    assert open(anatomy, "rb").read() == before
+    series = tmp_path / "scanner"
+    series.mkdir()
+    shutil.copy(ct_slice, series / "CT_small.dcm")
+    for cmd in (["reconstruct", series, "--task", "sparse-view", "--method", "fbp"], ["convert", series]):
+        r = cli([*cmd, "-o", series, "--overwrite"])
+        assert r.exit_code == 4 and "would replace the input" in r.output, r.output
+    assert (series / "CT_small.dcm").exists()
+
+
+def test_file_names_are_printed_verbatim(cli, anatomy, tmp_path):
+    """Brackets in a file name are not rich markup: messages name the real files."""
+    odd = tmp_path / "vol[v2]"
+    odd.mkdir()
+    src = shutil.copy(anatomy, odd / "scan[final].nii")
+    r = cli(["reconstruct", src, "--task", "sparse-view", "--method", "fbp", "--slices", "0:1"])
+    assert r.exit_code == 0, r.output
+    assert "scan[final]_fbp_sparse-view.nii" in r.output and (odd / "scan[final]_fbp_sparse-view.nii").exists()
+    r = cli(["info", tmp_path / "x[/red]" / "missing[v].nii.gz"])
+    assert r.exit_code == 3 and "x[/red]/missing[v].nii.gz" in r.output, r.output
+
+
+def test_the_default_output_follows_format_and_stays_out_of_a_series(cli, anatomy, ct_slice, tmp_path):
+    r = cli(["reconstruct", anatomy, "--task", "sparse-view", "--method", "fbp", "--slices", "0:1", "--format", "npy"])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "anatomical_fbp_sparse-view.npy").exists()
+    series = tmp_path / "ser"
+    series.mkdir()
+    one = shutil.copy(ct_slice, series / "IM00005.dcm")
+    r = cli(["reconstruct", one, "--task", "sparse-view", "--method", "fbp"])
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in series.iterdir()) == ["IM00005.dcm"]  # the series folder is left alone
+    assert any((tmp_path / "ser_IM00005_fbp_sparse-view").glob("*.dcm"))
 
 
 @pytest.mark.parametrize("extra, code, text", [
@@ -196,6 +238,9 @@ def test_overwrite_never_deletes_a_users_folder(cli, ct_slice, tmp_path):
     (["--report", "{tmp}/r.jpg"], 2, "PNG"),
     (["-o", "/proc/x.nii.gz"], 4, "cannot write in output folder"),
     (["-o", "{tmp}/CT_small.dcm/x.nii.gz"], 4, "is a file, not a folder"),
+    (["-o", "{tmp}/out.dcm"], 2, "written as a directory"),
+    (["-o", "{tmp}/out", "--format", "nifti"], 2, "ending in .nii.gz"),
+    (["-o", "{tmp}/out", "--format", "npy"], 2, "ending in .npy"),
 ])
 def test_bad_outputs_fail_before_the_reconstruction(cli, ct_slice, tmp_path, extra, code, text):
     extra = [str(e).format(tmp=tmp_path) for e in extra]

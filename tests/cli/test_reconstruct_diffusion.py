@@ -164,6 +164,10 @@ def test_memory_refusal_names_the_size_that_fits(cli, prior, volume, tmp_path, m
     r = cli(["reconstruct", volume, *args, "-o", tmp_path / "all.npy"])
     assert r.exit_code == 5, r.output
     assert "4 slices of 32x32" in r.output and "at most 2 slices fit" in r.output and "D3IP_MEMORY_LIMIT_GB" in r.output
+    import re
+
+    need, may = map(float, re.search(r"need about ([\d.]+) GiB free but d3ip may use ([\d.]+) GiB", r.output).groups())
+    assert need >= may  # the message adds up: what it needs is not below what it may use (2 decimals)
     assert not (tmp_path / "all.npy").exists()
     r = cli(["reconstruct", volume, *args, "--slices", "0:2", "-o", tmp_path / "slab.npy"])
     assert r.exit_code == 0, r.output
@@ -201,3 +205,50 @@ def test_precision_is_recorded_resolved_and_a_bad_one_refused(cli, prior, volume
     assert json.loads(r.stdout)["engine"]["settings"]["precision"] in ("fp32", "bf16")
     r = cli([*base, "--precision", "fp16", "-o", tmp_path / "c.npy"])
     assert r.exit_code == 2 and "--precision" in r.output and not (tmp_path / "c.npy").exists()
+
+
+def test_sigterm_without_checkpoints_exits_130_and_leaves_nothing(prior, volume, tmp_path):
+    """A scheduler's SIGTERM stops a run as Ctrl-C does: one line, exit 130, no output."""
+    out = tmp_path / "out.npy"
+    p = _d3ip("reconstruct", volume, "--task", "sparse-view", "--views", "16", "--prior", prior, "--method", "dds",
+              "--steps", "1000", "--device", "cpu", "-o", out)
+    first = p.stderr.readline()  # the first progress line: sampling has begun (100 of 1000 steps)
+    assert first.startswith("dds: "), first
+    os.kill(p.pid, signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130, first + err[-2000:]
+    assert err.strip().splitlines()[-1].endswith("error: interrupted") and "wrote" not in err
+    assert not out.exists() and not (tmp_path / "out.npy.json").exists()
+
+
+def test_adapter_options_are_checked_before_any_work(cli, prior, volume, tmp_path):
+    base = ["reconstruct", volume, "--task", "sparse-view", "--views", "16", "--prior", prior, "--steps", "2",
+            "--adapt-iters", "1"]
+    r = cli([*base, "--method", "ddip", "--save-adapter", tmp_path / "a.safetensors", "-o", tmp_path / "o1.npy"])
+    assert r.exit_code == 2 and "fresh adapter per slice" in r.output and not (tmp_path / "o1.npy").exists()
+    r = cli([*base, "--method", "dds", "--adapter", tmp_path / "a.safetensors", "-o", tmp_path / "o2.npy"])
+    assert r.exit_code == 2 and "--adapter" in r.output
+    r = cli([*base, "--save-adapter", tmp_path / "no" / "dir" / "a.safetensors", "-o", tmp_path / "o3.npy"])
+    assert r.exit_code == 0, r.output  # a missing folder is created, as for any output
+    taken = tmp_path / "taken.safetensors"
+    taken.write_bytes(b"keep")
+    r = cli([*base, "--save-adapter", taken, "-o", tmp_path / "o4.npy"])
+    assert r.exit_code == 4 and "taken.safetensors exists" in r.output and "d3ip:" not in r.output
+    assert taken.read_bytes() == b"keep" and not (tmp_path / "o4.npy").exists()
+    (tmp_path / "file").write_text("x")
+    r = cli([*base, "--save-adapter", tmp_path / "file" / "a.safetensors", "-o", tmp_path / "o5.npy"])
+    assert r.exit_code == 4 and "is a file, not a folder" in r.output
+    saved = tmp_path / "no" / "dir" / "a.safetensors"
+    assert saved.stat().st_mode & 0o044 == 0o044 & ~_umask()  # shareable like any file the user writes
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_a_grid_the_prior_cannot_serve_is_a_usage_error(cli, prior, volume, tmp_path):
+    r = cli(["reconstruct", volume, "--task", "sparse-view", "--views", "16", "--prior", prior, "--method", "dds",
+             "--grid", "33", "-o", tmp_path / "g.npy"])
+    assert r.exit_code == 2 and "--grid 33" in r.output and "try --grid 32 or 34" in r.output, r.output

@@ -195,6 +195,14 @@ def test_init_may_change_the_head(cli, tmp_path):
         assert not torch.allclose(p(x, t), c(x, t), atol=1e-3)
 
 
+def test_a_bad_init_file_fails_before_training(cli, tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a prior")
+    r = cli(["pretrain-phantom", "-o", tmp_path / "c.safetensors", "--preset", "tiny", "--steps", "2", "--init", bad])
+    assert r.exit_code == 3 and "pretrain" not in r.stderr.split("error:")[0], r.output
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "c.safetensors").exists()
+
+
 def test_init_refuses_another_architecture_and_resume(cli, tmp_path):
     parent, child = tmp_path / "parent.safetensors", tmp_path / "child.safetensors"
     assert cli(["pretrain-phantom", "-o", parent, "--preset", "tiny", "--steps", "2"]).exit_code == 0

@@ -6,7 +6,7 @@ pydicom) inside its body, so ``d3ip --help`` answers instantly.
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -66,6 +66,21 @@ def _click_error_types() -> tuple[type, type]:
     return base, typer.Abort
 
 
+def _sigterm_interrupts() -> None:
+    """SIGTERM (a scheduler's pre-emption, ``kill``) stops a command as Ctrl-C does: partial
+    outputs are removed, ``error: interrupted`` is printed, exit 130. Runs with
+    ``--checkpoint-dir`` install their own handler, which saves the state first."""
+    import signal
+
+    def _term(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        signal.signal(signal.SIGTERM, _term)
+    except ValueError:  # not the main thread (an embedding application): leave its handlers alone
+        pass
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point.
 
@@ -78,6 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     from d3ip_cli.cli._common import err_console
 
     click_error, abort = _click_error_types()
+    _sigterm_interrupts()
     try:
         code = app(args=argv, prog_name="d3ip", standalone_mode=False)
     except click_error as exc:

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Callable, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from d3ip_cli.core.errors import (
     EXIT_INTERNAL,
@@ -54,12 +55,14 @@ FrameOpt = Annotated[Optional[int], typer.Option("--frame", help="Volume index o
 
 
 def log(message: str) -> None:
-    """A log line on stderr (never stdout)."""
-    err_console.print(message)
+    """A log line on stderr (never stdout), printed verbatim: file names such as ``scan[v2].nii``
+    are not rich markup."""
+    err_console.print(message, markup=False, soft_wrap=True)
 
 
-def warn(message: str) -> None:
-    err_console.print(f"[yellow]warning:[/yellow] {message}")
+def warn(message: str, label: str = "warning") -> None:
+    """``warning: message`` on stderr (the label coloured, the message verbatim)."""
+    err_console.print(f"[yellow]{label}:[/yellow] {escape(message)}", soft_wrap=True)
 
 
 def emit_json(doc: Any) -> None:
@@ -117,14 +120,14 @@ class progress_bar:
             tenth = int(10 * step / total)
             if tenth != self._last_logged.get(stage) and (tenth > self._last_logged.get(stage, 0) or step == total):
                 self._last_logged[stage] = tenth
-                err_console.print(f"{stage}: {step}/{total} {text}".rstrip())
+                err_console.print(f"{stage}: {step}/{total} {text}".rstrip(), markup=False)
 
     def __exit__(self, *exc: Any) -> None:
         self._progress.__exit__(*exc)
 
 
 def _fail(message: str, code: int) -> typer.Exit:
-    err_console.print(f"[bold red]error:[/bold red] {message}", soft_wrap=True)
+    err_console.print(f"[bold red]error:[/bold red] {escape(message)}", soft_wrap=True)
     return typer.Exit(code)
 
 

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from d3ip_cli.cli._common import STATE, DeviceOpt, OverwriteOpt, SeedOpt, emit_json, err_console, guarded, log
+from d3ip_cli.cli._common import STATE, DeviceOpt, OverwriteOpt, SeedOpt, emit_json, err_console, guarded, log, warn
 
 
 def _print_table(doc: dict, to_stderr: bool) -> None:
@@ -100,7 +100,7 @@ def register(app: typer.Typer) -> None:
                                 log=log, argv=["d3ip", *sys.argv[1:]])
         _print_table(doc, to_stderr=json_out)
         for note in doc.get("notes", []):
-            log(f"[yellow]note:[/yellow] {note}")
+            warn(note, "note")
         if json_out:
             emit_json(doc)
         else:

@@ -50,15 +50,14 @@ def register(app: typer.Typer) -> None:
         """
         import warnings
 
-        from d3ip_cli.core.errors import OutputError
         from d3ip_cli.core.record import RunRecord
-        from d3ip_cli.io.atomic import _remove, sidecar_path, write_json
+        from d3ip_cli.io.atomic import _remove, check_output, sidecar_path, write_json
         from d3ip_cli.io.numpy_io import geometry_doc
-        from d3ip_cli.io.volumes import D3ipWarning, detect_format, read_volume, volume_summary, write_volume
+        from d3ip_cli.io.volumes import D3ipWarning, output_format, read_volume, volume_summary, write_volume
 
-        fmt = detect_format(output, format)
-        if output.exists() and not overwrite:
-            raise OutputError(f"output {output} exists (use --overwrite to replace it)")
+        fmt = output_format(output, format)
+        check_output(output, overwrite, inputs=(input,))
+        check_output(sidecar_path(output), overwrite, inputs=(input,))
         record = RunRecord("convert")
         record["method"] = "convert"
         record["config"] = {"format": fmt, "series": series, "frame": frame, "overwrite": overwrite}

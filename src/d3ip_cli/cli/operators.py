@@ -39,7 +39,7 @@ def register(app: typer.Typer) -> None:
         else:
             _print(doc)
         if failed:
-            log("[bold red]error:[/bold red] operator check failed: " + "; ".join(doc["checks"]["failures"]))
+            log("error: operator check failed: " + "; ".join(doc["checks"]["failures"]))
             raise typer.Exit(1)
 
 

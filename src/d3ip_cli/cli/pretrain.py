@@ -81,6 +81,8 @@ def register(app: typer.Typer) -> None:
             if pt.state_path(output).exists() and not overwrite:
                 raise OutputError(f"training state {pt.state_path(output)} exists (use --resume or --overwrite)")
 
+        if init is not None:
+            pt.check_init(init, cfg)  # a bad --init file fails now, before the progress bar
         dev = resolve_device(device)
         cfg.precision = pt.resolve_precision(cfg.precision, dev)
         distributed = pt.init_distributed(dev)

@@ -32,6 +32,7 @@ from d3ip_cli.cli._common import (
     emit_json,
     guarded,
     log,
+    warn,
     progress_bar,
 )
 
@@ -115,7 +116,7 @@ def register(app: typer.Typer) -> None:
         from d3ip_cli.core.record import RunRecord
         from d3ip_cli.engine import recon as engine
         from d3ip_cli.engine.methods import get_method
-        from d3ip_cli.io.atomic import check_output
+        from d3ip_cli.io.atomic import check_output, sidecar_path
         from d3ip_cli.io.measurement import is_measurement_path, peek_task
 
         cfg = ReconConfig.from_options(
@@ -142,21 +143,29 @@ def register(app: typer.Typer) -> None:
                 from d3ip_cli.core.errors import InputDataError
 
                 raise InputDataError(f"{input} does not exist")
-            out_path, out_format = engine.default_output_path(input, cfg.method, task_name or "recon")
-            out_format = cfg.format or out_format
+            out_path, out_format = engine.default_output_path(input, cfg.method, task_name or "recon", cfg.format)
         else:
             out_path, out_format = output, cfg.format
         from d3ip_cli.core.errors import UsageError
-        from d3ip_cli.io.volumes import detect_format
+        from d3ip_cli.io.volumes import output_format
 
-        detect_format(out_path, out_format)  # a bad --format or suffix fails now, not after the reconstruction
+        output_format(out_path, out_format)  # a bad --format or name fails now, not after the reconstruction
         if report is not None and not str(report).lower().endswith(".png"):
             raise UsageError(f"--report {report}: the report is a PNG image; give a name ending in .png")
-        check_output(out_path, overwrite)
+        inputs = (input,) + ((reference,) if reference is not None else ())
+        check_output(out_path, overwrite, inputs)
+        check_output(sidecar_path(out_path), overwrite, inputs)  # the run record beside it
         if cfg.samples > 1:  # the posterior standard-deviation map goes beside the output
-            check_output(engine.std_output_path(out_path), overwrite)
+            check_output(engine.std_output_path(out_path), overwrite, inputs)
         if report is not None:
-            check_output(report, overwrite)
+            check_output(report, overwrite, inputs)
+        from d3ip_cli.engine.diffusion import DIFFUSION_METHODS, check_adapter_options, check_grid_for_prior
+
+        check_adapter_options(cfg.method, cfg.adapter, cfg.save_adapter)
+        if cfg.method in DIFFUSION_METHODS:
+            check_grid_for_prior(cfg.prior, cfg.grid)
+        if cfg.save_adapter:
+            check_output(cfg.save_adapter, overwrite, inputs)
 
         record = RunRecord("reconstruct")
         record.add_input(input)
@@ -191,4 +200,4 @@ def register(app: typer.Typer) -> None:
             summary += f"  PSNR {m['psnr']:.2f} dB  SSIM {m['ssim']:.4f}" if m.get("ssim") is not None else ""
         log(summary)
         for w in record["warnings"]:
-            log(f"[yellow]warning:[/yellow] {w}")
+            warn(w)

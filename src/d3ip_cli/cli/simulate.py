@@ -29,6 +29,7 @@ from d3ip_cli.cli._common import (
     emit_json,
     guarded,
     log,
+    warn,
 )
 
 
@@ -70,7 +71,7 @@ def register(app: typer.Typer) -> None:
         from d3ip_cli.core.device import resolve_device
         from d3ip_cli.core.record import RunRecord
         from d3ip_cli.engine.recon import prepare_volume, simulate_measurement, write_record
-        from d3ip_cli.io.atomic import check_output
+        from d3ip_cli.io.atomic import check_output, sidecar_path
         from d3ip_cli.io.measurement import write_measurement
 
         cfg = SimulateConfig.from_options(task=task, views=views, arc=arc, acceleration=acceleration, mask=mask,
@@ -83,7 +84,8 @@ def register(app: typer.Typer) -> None:
         if not str(output).lower().endswith(MEASUREMENT_SUFFIXES):
             raise UsageError(f"-o {output}: a measurement is written as HDF5; give a name ending in .h5")
         dev = resolve_device(device)
-        check_output(output, overwrite)
+        check_output(output, overwrite, inputs=(input,))
+        check_output(sidecar_path(output), overwrite, inputs=(input,))
         record = RunRecord("simulate")
         record.add_input(input)
         with record.stage("load"):
@@ -114,4 +116,4 @@ def register(app: typer.Typer) -> None:
         else:
             log(f"wrote {path}: {meas.kind} {list(meas.data.shape)} ({op!r})")
             for w in record["warnings"]:
-                log(f"[yellow]warning:[/yellow] {w}")
+                warn(w)

@@ -493,6 +493,23 @@ _PRIOR_CACHE: dict[tuple[str, str], tuple[torch.nn.Module, dict]] = {}
 SETTING_FIELDS = {f.name for f in dataclasses.fields(DiffusionSettings)}
 
 
+ADAPTER_METHODS = ("ddip", "d3ip", "d3ip-mbir", "d3ip-meta")
+"""Methods with LoRA adapters (``--adapter`` starts them from a saved one)."""
+
+SHARED_ADAPTER_METHODS = ("d3ip", "d3ip-mbir", "d3ip-meta")
+"""Methods that end with one adapter for the whole volume (``--save-adapter``)."""
+
+
+def check_adapter_options(method: str, adapter: str | None, save_adapter: str | None) -> None:
+    """Refuse, before any work, adapter options that a method would silently ignore (exit 2)."""
+    if save_adapter and method in DIFFUSION_METHODS and method not in SHARED_ADAPTER_METHODS:
+        why = "adapts a fresh adapter per slice" if method == "ddip" else "has no adapter"
+        raise UsageError(f"--save-adapter: {method} {why}; the shared adapter comes from "
+                         f"{', '.join(SHARED_ADAPTER_METHODS)}")
+    if adapter and method == "dds":
+        raise UsageError(f"--adapter: dds runs the prior as it is; start {', '.join(ADAPTER_METHODS)} from an adapter")
+
+
 def load_prior_for(path: str | None, device: torch.device) -> tuple[torch.nn.Module, dict]:
     """The prior at ``path`` (default: the bundled one), cached per process."""
     from d3ip_cli.core.errors import MissingComponentError
@@ -506,6 +523,24 @@ def load_prior_for(path: str | None, device: torch.device) -> tuple[torch.nn.Mod
     if key not in _PRIOR_CACHE:
         _PRIOR_CACHE[key] = load_prior(p, device)
     return _PRIOR_CACHE[key]
+
+
+def check_grid_for_prior(prior: str | None, grid: int | None) -> None:
+    """``--grid N`` that the prior's downsampling cannot serve is a usage error (exit 2), found
+    before any work from the prior's header alone (an unreadable prior is reported later)."""
+    from d3ip_cli.prior.checkpoint import bundled_prior_path, read_metadata
+    from d3ip_cli.prior.network import UNetConfig
+
+    if not grid:
+        return
+    try:
+        f = UNetConfig.from_dict(read_metadata(prior or bundled_prior_path())["architecture"]).downsampling_factor
+    except Exception:  # noqa: BLE001 - the loader gives the real message later
+        return
+    if grid % f:
+        near = sorted({max(f, grid // f * f), -(-grid // f) * f})
+        raise UsageError(f"--grid {grid}: the prior needs slice sides divisible by {f} "
+                         f"(try --grid {' or '.join(map(str, near))})")
 
 
 def check_prior_serves(meta: dict, shape: tuple[int, ...], complex_: bool) -> None:

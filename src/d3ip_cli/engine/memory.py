@@ -104,17 +104,18 @@ def plan(n_slices: int, image_shape: tuple[int, int], meas_numel_per_slice: int,
     budget = int(avail * budget_fraction)
     max_slices = max(0, (budget - fixed - act) // per_slice)
     if n_slices > max_slices:
-        need = (n_slices * per_slice + fixed + act) / GiB
+        need = (n_slices * per_slice + fixed + act) / GiB / budget_fraction  # free memory, with the safety margin
         where = f"{avail / GiB:.2f} GiB is free on {device}"
         if memory_limit() is not None and avail == memory_limit():
             where = f"d3ip may use {avail / GiB:.2f} GiB ({LIMIT_ENV})"
         if ranks > 1:
-            what = (f"{n_slices} slices of {h}x{w} per rank need about {need:.2f} GiB but {where}; at most "
+            what = (f"{n_slices} slices of {h}x{w} per rank need about {need:.2f} GiB free but {where}; at most "
                     f"{max_slices} slices fit per rank, {max_slices * ranks} with {ranks} ranks")
         else:
-            what = f"{n_slices} slices of {h}x{w} need about {need:.2f} GiB but {where}; at most {max_slices} slices fit"
+            what = f"{n_slices} slices of {h}x{w} need about {need:.2f} GiB free but {where}; at most {max_slices} slices fit"
         if max_slices == 0:
-            hint = f"even one slice needs about {(per_slice + fixed + act) / GiB / budget_fraction:.2f} GiB free"
+            hint = (f"even one slice needs about {(per_slice + fixed + act) / GiB / budget_fraction:.2f} GiB free "
+                    "(the network and its activations; a smaller --grid needs less)")
         else:
             hint = "use --slices A:B to reconstruct a slab at a time, a smaller --grid, or more ranks (torchrun)"
         raise ResourceError(f"{what}: {hint}")

@@ -458,24 +458,46 @@ def reconstruct(input_path: str | os.PathLike, cfg: ReconConfig, *, device: torc
     return ReconResult(volume=out, initial=initial, problem=problem, metrics=metrics, std=std)
 
 
-def default_output_path(input_path: str | os.PathLike, method: str, task: str) -> tuple[Path, str]:
-    """Beside the input, in its format, named after input, method and task: ``(path, format)``.
+def default_output_path(input_path: str | os.PathLike, method: str, task: str,
+                        format: str | None = None) -> tuple[Path, str]:
+    """Beside the input, in its format (or ``format``), named after input, method and task:
+    ``(path, format)``.
 
     ``scan.nii.gz`` -> ``scan_tv_sparse-view.nii.gz``; ``series/`` (DICOM) -> sibling
-    ``series_tv_sparse-view/``; ``x.dcm`` -> ``x_tv_sparse-view/`` (a DICOM series);
-    a measurement ``meas.h5`` -> ``meas_tv_sparse-view.nii.gz``.
+    ``series_tv_sparse-view/``; a single file ``series/x.dcm`` -> ``series_x_tv_sparse-view/``
+    beside its folder (never inside it: the folder is a series and would then hold two); a
+    measurement ``meas.h5`` -> ``meas_tv_sparse-view.nii.gz``. With ``format`` the suffix
+    follows it (``.nii.gz``, ``.npy``, or a series folder).
     """
     p = Path(input_path)
     name = p.name.rstrip("/")
     low = name.lower()
     tag = f"_{method}_{task}"
-    for suffix, fmt in ((".nii.gz", "nifti"), (".nii", "nifti"), (".npy", "npy")):
+    base, fmt = None, None
+    for suffix, f in ((".nii.gz", "nifti"), (".nii", "nifti"), (".npy", "npy")):
         if low.endswith(suffix):
-            return p.with_name(name[: -len(suffix)] + tag + suffix), fmt
-    if is_measurement_path(p):
-        return p.with_name(Path(name).stem + tag + ".nii.gz"), "nifti"
-    stem = name[: -len(Path(name).suffix)] if p.is_file() and Path(name).suffix else name
-    return p.with_name(stem + tag), "dicom"
+            base, fmt, p = name[: -len(suffix)] + tag, f, p.with_name(name[: -len(suffix)] + tag + suffix)
+            break
+    else:
+        if is_measurement_path(p):
+            base, fmt = Path(name).stem + tag, "nifti"
+            p = p.with_name(base + ".nii.gz")
+        elif p.is_file():  # one DICOM file: beside its folder, prefixed with the folder's name
+            stem = name[: -len(Path(name).suffix)] if Path(name).suffix else name
+            folder = p.resolve().parent
+            base, fmt = f"{folder.name}_{stem}{tag}", "dicom"
+            p = folder.with_name(base)
+        else:
+            base, fmt = name + tag, "dicom"
+            p = p.with_name(base)
+    if format:
+        from d3ip_cli.io.volumes import detect_format
+
+        want = detect_format(Path("name-without-suffix"), format)  # validates and normalises --format
+        if want != fmt:
+            p = p.with_name(base + {"nifti": ".nii.gz", "npy": ".npy", "dicom": ""}[want])
+            fmt = want
+    return p, fmt
 
 
 def write_result(result: ReconResult, output: str | os.PathLike, *, overwrite: bool = False,

@@ -21,25 +21,41 @@ from d3ip_cli.core.errors import OutputError
 PARTIAL_PREFIX = ".d3ip-partial-"
 
 
-REPLACEABLE_IN_FOLDERS = (".dcm", ".json")
-"""What a folder written by d3ip holds (a DICOM series and its record): ``--overwrite``
-replaces a folder only when it holds nothing else, so it never deletes a user's files."""
+def written_by_d3ip(path: Path) -> bool:
+    """Whether ``path`` is a DICOM file d3ip wrote (its ``SoftwareVersions`` or the file meta's
+    implementation version name says so). ``--overwrite`` replaces a folder only when every file
+    in it is one of these, so it never deletes a scanner's or a user's files."""
+    if not (path.is_file() and path.name.lower().endswith(".dcm")):
+        return False
+    try:
+        import pydicom
+
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SoftwareVersions"])
+    except Exception:  # noqa: BLE001 - anything unreadable is not ours
+        return False
+    software = str(ds.get("SoftwareVersions", "") or "")
+    impl = str(getattr(getattr(ds, "file_meta", None), "ImplementationVersionName", "") or "")
+    return software.lower().startswith("d3ip") or impl.upper().startswith("D3IP")
 
 
 OS_LITTER = (".DS_Store", "Thumbs.db", "desktop.ini")
 """Files an operating system's file browser leaves in any folder it shows."""
 
 
-def check_output(path: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Fail early (exit 4) when ``path`` exists without ``overwrite``, is a folder holding files
-    d3ip did not write, or its folder is unwritable (probed with a real file, so read-only
-    file systems are caught before any work is done)."""
+def check_output(path: str | os.PathLike, overwrite: bool = False, inputs: tuple[str | os.PathLike, ...] = ()) -> Path:
+    """Fail early (exit 4) when ``path`` exists without ``overwrite``, is one of ``inputs`` (or a
+    folder holding one), is a folder holding files d3ip did not write, or its folder is
+    unwritable (probed with a real file, so read-only file systems are caught before any work
+    is done)."""
     p = Path(path)
+    for src in inputs:
+        src_r, p_r = Path(src).resolve(), p.resolve()
+        if src_r == p_r or p_r in src_r.parents:
+            raise OutputError(f"output {p} would replace the input {src}; give another output name")
     if p.exists() and not overwrite:
         raise OutputError(f"output {p} exists (use --overwrite to replace it)")
     if p.is_dir() and not p.is_symlink():
-        foreign = [c.name for c in p.iterdir() if c.name not in OS_LITTER
-                   and not (c.is_file() and c.name.lower().endswith(REPLACEABLE_IN_FOLDERS))]
+        foreign = [c.name for c in p.iterdir() if c.name not in OS_LITTER and not written_by_d3ip(c)]
         if foreign:
             raise OutputError(f"output {p} is a folder holding files d3ip did not write ({', '.join(sorted(foreign)[:3])}"
                               f"{', ...' if len(foreign) > 3 else ''}); not replacing it, even with --overwrite")

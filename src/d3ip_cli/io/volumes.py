@@ -216,11 +216,9 @@ def write_volume(volume: "Volume", path: str | os.PathLike, *, format: str | Non
         configuration); DICOM UIDs are derived from it and the written content, so the
         same run writes the same UIDs.
     """
-    fmt = detect_format(path, format)
+    fmt = output_format(path, format)
     p = Path(path)
     if fmt == "dicom":
-        if _name(p).endswith(_DICOM_SUFFIXES):
-            raise UsageError(f"{p}: a DICOM series is written as a directory; give a path without a .dcm suffix")
         from d3ip_cli.io import dicom
 
         return dicom.write_dicom_series(volume, p, overwrite=overwrite, description=description, uid_seed=uid_seed)
@@ -231,6 +229,22 @@ def write_volume(volume: "Volume", path: str | os.PathLike, *, format: str | Non
     from d3ip_cli.io import numpy_io
 
     return numpy_io.write_npy(volume, p, overwrite=overwrite, description=description)
+
+
+def output_format(path: str | os.PathLike, format: str | None = None) -> str:
+    """The format an output ``path`` will be written in, or a usage error (exit 2) for a name
+    other tools could not open: a DICOM series is a folder (no ``.dcm`` suffix); NIfTI and
+    NumPy files need their suffix. Called before any work, and again by the writers."""
+    fmt = detect_format(path, format)
+    p = Path(path)
+    name = _name(p)
+    if fmt == "dicom" and name.endswith(_DICOM_SUFFIXES):
+        raise UsageError(f"{p}: a DICOM series is written as a directory; give a path without a .dcm suffix")
+    if fmt == "nifti" and not name.endswith((".nii", ".nii.gz")):
+        raise UsageError(f"{p}: a NIfTI file needs a name ending in .nii.gz or .nii (other tools go by it)")
+    if fmt == "npy" and not name.endswith(".npy"):
+        raise UsageError(f"{p}: a NumPy file needs a name ending in .npy")
+    return fmt
 
 
 def volume_summary(volume: "Volume", *, with_stats: bool = True) -> dict[str, Any]:

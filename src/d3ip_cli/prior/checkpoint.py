@@ -89,11 +89,22 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta
     """Write tensors + metadata atomically (temporary file, then rename)."""
     from safetensors.torch import save_file
 
+    from d3ip_cli.core.errors import OutputError
+
     p = Path(path)
     tmp = p.parent / f".d3ip-partial-{p.name}"
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
-              metadata={METADATA_KEY: json.dumps(meta)})
-    os.replace(tmp, p)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
+                  metadata={METADATA_KEY: json.dumps(meta)})
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # readable like any file the user writes (safetensors makes it 0600)
+        os.replace(tmp, p)
+    except Exception as exc:  # noqa: BLE001 - safetensors reports I/O failures as its own error type
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, (OSError,)) or type(exc).__name__ == "SafetensorError":
+            raise OutputError(f"cannot write {p}: {exc}") from None
+        raise
 
 
 def save_prior(path: str | os.PathLike, model: UNet, meta: dict[str, Any], dtype: torch.dtype = torch.float32) -> None:

@@ -340,10 +340,30 @@ def _arch_config(d: dict, path: str | os.PathLike) -> UNetConfig:
         raise InputDataError(f"{path}: unusable architecture in its header ({exc})") from None
 
 
+def check_init(path: str | os.PathLike, cfg: PretrainConfig) -> None:
+    """Refuse, before any work, an ``--init`` file that cannot start this run (exit 3)."""
+    _init_parent(path, UNetConfig.from_dict(cfg.architecture))
+
+
 def _load_init(path: str | os.PathLike, model: UNet, ema: UNet, cfg: PretrainConfig,
                device: torch.device) -> dict[str, Any]:
     """Copy the EMA weights of a prior file (or of a training state) into ``model`` and ``ema``;
     return the parent's training summary."""
+    parent, meta = _init_parent(path, model.config)
+    with torch.no_grad():
+        model.load_state_dict(parent.state_dict())
+        ema.load_state_dict(parent.state_dict())
+    keep = ("sha256", "preset", "resolution", "steps", "images_seen", "wall_time_s", "loss", "init")
+    summary = {k: meta.get(k) for k in keep if k in meta}
+    summary["crop"] = (meta.get("data") or {}).get("recipe", {}).get("crop")
+    summary["file"] = Path(path).name
+    summary["prediction"] = parent.config.prediction  # a head change shows as parent eps -> child v
+    return _jsonable(summary)
+
+
+def _init_parent(path: str | os.PathLike, config: UNetConfig) -> tuple[UNet, dict[str, Any]]:
+    """The ``--init`` parent (a prior file's weights, or a training state's EMA) and its header,
+    refused (exit 3) when its architecture cannot start a net of ``config``."""
     if ckpt.read_metadata(path).get("format") == "d3ip-train-state":
         tensors, meta = ckpt.load_tensors(path)
         arch = _arch_config((meta.get("identity") or {}).get("architecture") or {}, path)
@@ -356,22 +376,13 @@ def _load_init(path: str | os.PathLike, model: UNet, ema: UNet, cfg: PretrainCon
                     data={"recipe": (meta.get("identity") or {}).get("recipe", {}) | {"crop": meta["identity"].get("crop")}})
     else:
         parent, meta = ckpt.load_prior(path)
-    parent = parent.to(device)
     # The head (what the last layer predicts) may change: an ε net is a v net's good start at
     # low noise, where v ≈ ε, and has the same weights; everything else must match.
-    a, b = parent.config.to_dict(), model.config.to_dict()
+    a, b = parent.config.to_dict(), config.to_dict()
     diff = ", ".join(f"{k} {a.get(k)} vs {b.get(k)}" for k in b if a.get(k) != b.get(k) and k != "prediction")
     if diff:
         raise InputDataError(f"--init {path}: its architecture differs from the preset's ({diff})")
-    with torch.no_grad():
-        model.load_state_dict(parent.state_dict())
-        ema.load_state_dict(parent.state_dict())
-    keep = ("sha256", "preset", "resolution", "steps", "images_seen", "wall_time_s", "loss", "init")
-    summary = {k: meta.get(k) for k in keep if k in meta}
-    summary["crop"] = (meta.get("data") or {}).get("recipe", {}).get("crop")
-    summary["file"] = Path(path).name
-    summary["prediction"] = parent.config.prediction  # a head change shows as parent eps -> child v
-    return _jsonable(summary)
+    return parent, meta
 
 
 def totals(meta: dict[str, Any]) -> dict[str, Any]:
