@@ -102,7 +102,7 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta
         os.replace(tmp, p)
     except Exception as exc:  # noqa: BLE001 - safetensors reports I/O failures as its own error type
         tmp.unlink(missing_ok=True)
-        if isinstance(exc, (OSError,)) or type(exc).__name__ == "SafetensorError":
+        if isinstance(exc, OSError) or type(exc).__name__ == "SafetensorError":
             raise OutputError(f"cannot write {p}: {exc}") from None
         raise
 
