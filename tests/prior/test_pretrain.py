@@ -81,6 +81,8 @@ def test_corrupt_prior_refused(tmp_path):
         (["--preset", "huge"], 2, "preset"),
         (["--lr", "0"], 2, "--lr"),
         (["--warmup", "-1"], 2, "--warmup"),
+        (["--anneal", "-1"], 2, "--anneal"),
+        (["--steps", "10", "--anneal", "11"], 2, "--anneal"),
         (["--precision", "fp16"], 2, "--precision"),
         (["--prediction", "x0"], 2, "--prediction"),
     ],
@@ -275,7 +277,7 @@ def test_the_bundled_states_recipe_resumes_from_the_cli(cli, tmp_path):
     ident = ckpt.read_metadata(state)["identity"]
     cfg = pt.PretrainConfig.from_preset("cpu", crop=64, precision="fp32")
     cfg.architecture = dict(cfg.architecture, prediction="eps")
-    theirs = dict(ident, precision=ident.get("precision", "fp32"))
+    theirs = dict(ident, precision=ident.get("precision", "fp32"), anneal=ident.get("anneal", 0))
     theirs["architecture"] = pt._jsonable(pt.UNetConfig.from_dict(ident["architecture"]).to_dict())
     assert theirs == pt._jsonable(cfg.identity())
 
@@ -293,3 +295,22 @@ def test_prior_with_unknown_head_or_schedule_refused(tmp_path):
         ckpt.save_tensors(tmp_path / "bad.safetensors", tensors, bad)
         with pytest.raises(InputDataError, match=text):
             ckpt.load_prior(tmp_path / "bad.safetensors")
+
+
+def test_anneal_decays_the_learning_rate_to_zero_over_the_last_steps():
+    cfg = pt.PretrainConfig.from_preset("tiny", steps=100, warmup=10, anneal=40, lr=1e-3)
+    lrs = [pt.lr_at(s, cfg) for s in range(100)]
+    assert lrs[0] == pytest.approx(1e-4)  # warm-up
+    assert all(v == pytest.approx(1e-3) for v in lrs[9:61])  # constant until the last 40 steps
+    assert lrs[80] == pytest.approx(5e-4)  # half-way down the cosine
+    assert all(a > b for a, b in zip(lrs[60:], lrs[61:]))  # strictly decreasing
+    assert 0 < lrs[99] < 1e-5
+    assert pt.lr_at(50, pt.PretrainConfig.from_preset("tiny", steps=100, warmup=10, lr=1e-3)) == pytest.approx(1e-3)
+
+
+def test_anneal_is_part_of_what_resume_must_share(cli, tmp_path):
+    out = tmp_path / "p.safetensors"
+    assert cli(["pretrain-phantom", "-o", out, "--preset", "tiny", "--steps", "4", "--anneal", "4"]).exit_code == 0
+    assert ckpt.read_metadata(out)["training"]["anneal"] == 4
+    r = cli(["pretrain-phantom", "-o", out, "--preset", "tiny", "--steps", "6", "--anneal", "2", "--resume"])
+    assert r.exit_code == 3 and "anneal 4 (now 2)" in r.output

@@ -27,6 +27,7 @@ def register(app: typer.Typer) -> None:
         init: Annotated[Optional[Path], typer.Option("--init", help="Start from this prior's weights (same architecture; the head may differ, e.g. a v head from an ε prior), e.g. whole images after crops.")] = None,
         lr: Annotated[Optional[float], typer.Option("--lr", help="AdamW learning rate (default: the preset's).")] = None,
         warmup: Annotated[Optional[int], typer.Option("--warmup", help="Linear learning-rate warm-up steps (default: the preset's).")] = None,
+        anneal: Annotated[Optional[int], typer.Option("--anneal", help="Cosine-decay the learning rate to 0 over the last N of --steps (default: the preset's, 0 = constant), e.g. a final stage started with --init.")] = None,
         precision: Annotated[Optional[str], typer.Option("--precision", help="fp32, bf16 (autocast forward pass; ~3x faster on CPUs with AVX512-BF16) or auto (bf16 where supported). Default: the preset's.")] = None,
         prediction: Annotated[Optional[str], typer.Option("--prediction", help="The network's head: eps or v (it answers with ε either way). Default: the preset's.")] = None,
         seed: SeedOpt = 0,
@@ -60,7 +61,7 @@ def register(app: typer.Typer) -> None:
         cfg = pt.PretrainConfig.from_preset(
             preset, resolution=resolution, steps=steps, batch_size=batch_size, seed=seed,
             crop=(None if crop == 0 else crop) if crop is not None else pt.PRESETS.get(preset, {}).get("crop"),
-            sample_every=sample_every, checkpoint_every=checkpoint_every, lr=lr, warmup=warmup, precision=precision,
+            sample_every=sample_every, checkpoint_every=checkpoint_every, lr=lr, warmup=warmup, anneal=anneal, precision=precision,
         )
         if prediction is not None:
             from d3ip_cli.prior.network import PREDICTIONS

@@ -73,6 +73,7 @@ class PretrainConfig:
     steps: int = 20
     lr: float = 1e-3
     warmup: int = 5
+    anneal: int = 0  # cosine-decay the learning rate to 0 over the last `anneal` steps (0: constant)
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     ema_decay: float = 0.99
@@ -108,6 +109,8 @@ class PretrainConfig:
         if self.resolution % f or train_size % f:
             raise UsageError(f"--resolution {self.resolution} (training size {train_size}) is not divisible by the "
                              f"network's downsampling factor {f}")
+        if not 0 <= self.anneal <= self.steps:
+            raise UsageError(f"--anneal must be between 0 and --steps ({self.steps}), got {self.anneal}")
         if self.precision not in PRECISIONS:
             raise UsageError(f"--precision {self.precision!r}: expected one of {', '.join(PRECISIONS)}")
         if self.crop is not None and self.crop > self.resolution:
@@ -119,7 +122,8 @@ class PretrainConfig:
     def identity(self) -> dict:
         """The settings a resumed run must share with the run it continues."""
         return {"architecture": self.unet_config().to_dict(), "resolution": self.resolution, "crop": self.crop,
-                "batch_size": self.batch_size, "lr": self.lr, "warmup": self.warmup, "seed": self.seed,
+                "batch_size": self.batch_size, "lr": self.lr, "warmup": self.warmup, "anneal": self.anneal,
+                "seed": self.seed,
                 "ema_decay": self.ema_decay, "grad_clip": self.grad_clip, "weight_decay": self.weight_decay,
                 "recipe": self.recipe, "precision": self.precision}
 
@@ -179,8 +183,12 @@ def _load_optimizer(opt: torch.optim.Optimizer, params: list[nn.Parameter], tens
 
 
 def lr_at(step: int, cfg: PretrainConfig) -> float:
-    """Linear warm-up, then constant."""
-    return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
+    """Linear warm-up, then constant; with ``cfg.anneal`` a cosine decay to 0 over the last steps."""
+    lr = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
+    decay_start = cfg.steps - cfg.anneal
+    if cfg.anneal and step >= decay_start:
+        lr *= 0.5 * (1.0 + math.cos(math.pi * (step - decay_start) / cfg.anneal))
+    return lr
 
 
 def ema_rate(step: int, decay: float) -> float:
@@ -249,6 +257,7 @@ def train(
         # states written before a field existed hold its default (an ε head, float32), or for the
         # precision what their training record says
         theirs.setdefault("precision", (meta.get("training") or {}).get("precision", "fp32"))
+        theirs.setdefault("anneal", 0)
         if "architecture" in theirs:
             theirs["architecture"] = _jsonable(_arch_config(theirs["architecture"], spath).to_dict())
         if theirs != ours:
@@ -427,6 +436,7 @@ def _checkpoint(cfg: PretrainConfig, output: str | os.PathLike, model: UNet, ema
                  "real_images": False},
         "preset": cfg.preset,
         "training": {"batch_size": cfg.batch_size, "world_size": world, "precision": cfg.precision, "lr": cfg.lr, "warmup": cfg.warmup,
+                     "anneal": cfg.anneal,
                      "ema_decay": cfg.ema_decay, "grad_clip": cfg.grad_clip, "optimizer": "AdamW",
                      "target_steps": cfg.steps, "argv": argv or []},
         "steps": steps,
