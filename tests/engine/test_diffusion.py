@@ -155,3 +155,13 @@ def test_precision_is_checked():
     assert resolve_precision("auto", "cpu") in ("fp32", "bf16")
     assert settings_for("dds", "fast", "CT").precision == "auto"
     assert settings_for("dds", "standard", "CT").precision == "fp32"
+
+
+def test_presets_resolve_per_modality_and_explicit_options_win():
+    assert settings_for("d3ip", "fast", "CT").adapt_iters == 6
+    mr = settings_for("d3ip", "fast", "MR")
+    assert (mr.adapt_iters, mr.dc, mr.adapt_cg, mr.gamma) == (3, "prox", 0, 10.0)
+    assert settings_for("d3ip", "standard", "MR").adapt_iters == 10
+    assert settings_for("d3ip", "fast", "MR", adapt_iters=7).adapt_iters == 7
+    assert settings_for("dds", "fast", "CT").adapt_iters == 0
+    assert settings_for("d3ip-mbir", "fast", "MR").dc == "admm-tv-z"

@@ -13,7 +13,7 @@ suite     intent
 smoke     seconds: checks the machinery on 3 slices of 32x32 (numbers mean nothing)
 quick     a 2-core CPU in under 20 minutes: 4 slices of 64x64, the ``fast`` preset
 claims    the engine's quality claims at a CPU user's settings (128x128, ``fast``): a 16-slice
-          phantom and 8 slices of the example; about 20 minutes on a 2-core CPU
+          phantom and 8 slices of the example; 6-10 minutes on a 2-core CPU
 standard  a workstation (hours on CPU, minutes on a GPU): 8 slices of 128x128, ``standard``
 paper     a GPU: 32 slices of 256x256, the ``paper`` preset, every task on every volume
 ========  ===========================================================================

@@ -42,7 +42,7 @@ def register(app: typer.Typer) -> None:
     def benchmark(
         output: Annotated[Path, typer.Option("-o", "--output", help="Results folder (created).")],
         suite: Annotated[str, typer.Option(
-            "--suite", help="quick (CPU, < 20 min), claims (the engine's quality claims at 128x128; ~20 min "
+            "--suite", help="quick (CPU, < 20 min), claims (the engine's quality claims at 128x128; ~6-10 min "
                             "CPU), standard, paper (GPU), or smoke (a seconds-long check that the machinery works; "
                             "its numbers mean nothing).")] = "quick",
         data: Annotated[Optional[list[Path]], typer.Option("--data", metavar="PATH", help="Extra volume to benchmark on "

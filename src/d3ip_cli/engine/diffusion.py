@@ -96,13 +96,27 @@ class DiffusionSettings:
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # a CPU user's settings: few steps, short adaptation
-    "fast": {"steps": 20, "adapt_iters": 3, "adapt_batch": 2, "cg_iter": 5, "meta_outer": 8, "meta_inner": 2,
+    # a CPU user's settings: few steps, short adaptation (K = 6 for CT, 3 for MRI: see PRESET_MODALITY)
+    "fast": {"steps": 20, "adapt_iters": 6, "adapt_batch": 2, "cg_iter": 5, "meta_outer": 8, "meta_inner": 2,
              "precision": "auto"},
     # the paper's settings (DDS/D3IP): 50 steps, K = 10, M = 3, 5 CG iterations
     "standard": {"steps": 50, "adapt_iters": 10, "adapt_batch": 3, "cg_iter": 5},
     # the paper's settings plus the reference's bias training (GPU)
     "paper": {"steps": 50, "adapt_iters": 10, "adapt_batch": 3, "cg_iter": 5, "train_bias": True},
+}
+
+# Modality defaults: Cartesian A^H A is a projection, so one CG step already fits y exactly and
+# the adaptation loss would carry no signal; MRI adapts on A x̂0 directly, with the proximal DC.
+MODALITY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "MR": {"dc": "prox", "adapt_cg": 0, "gamma": 10.0},
+}
+
+# A preset's settings for one modality. On Colin27 (8 slices of 128², not the benchmark's example;
+# docs/engine_study.md §5), K = 3 -> 6 adds +0.4 dB to d3ip on 30-view CT but +0.08 dB on
+# cs-mri x4, where each slice is two images (real, imaginary) and K = 6 would take 8 slices
+# past the fast preset's two minutes.
+PRESET_MODALITY: dict[tuple[str, str], dict[str, Any]] = {
+    ("fast", "MR"): {"adapt_iters": 3},
 }
 
 METHOD_OVERRIDES: dict[str, dict[str, Any]] = {
@@ -112,18 +126,14 @@ METHOD_OVERRIDES: dict[str, dict[str, Any]] = {
 
 
 def settings_for(method: str, preset: str = "fast", task_modality: str = "CT", **overrides: Any) -> DiffusionSettings:
-    """Resolve preset -> method defaults -> modality defaults -> explicit overrides."""
+    """Resolve preset -> modality defaults -> preset-per-modality -> method defaults -> explicit overrides."""
     if preset not in PRESETS:
         raise UsageError(f"--preset {preset!r}: expected one of {', '.join(PRESETS)}")
     if method not in DIFFUSION_METHODS:
         raise UsageError(f"{method!r} is not a diffusion method ({', '.join(DIFFUSION_METHODS)})")
     values: dict[str, Any] = dict(PRESETS[preset])
-    if task_modality == "MR":
-        # Cartesian A^H A is a projection: one CG step already fits y exactly, so the
-        # adaptation loss would carry no signal; MRI adapts on A x̂0 directly.
-        values["dc"] = "prox"
-        values["adapt_cg"] = 0
-        values["gamma"] = 10.0
+    values.update(MODALITY_DEFAULTS.get(task_modality, {}))
+    values.update(PRESET_MODALITY.get((preset, task_modality), {}))
     values.update(METHOD_OVERRIDES.get(method, {}))
     values.update({k: v for k, v in overrides.items() if v is not None})
     return DiffusionSettings(**values).validate()

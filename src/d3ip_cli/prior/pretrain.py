@@ -43,7 +43,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "checkpoint_every": 10, "sample_every": 0,
     },
     "cpu": {
-        # Sized by measurement on a 2-core CPU (scripts/bench_pretrain.py): this 2.4M-parameter
+        # Sized by measurement on a 2-core CPU (scripts/bench_pretrain.py): this 2.3M-parameter
         # net trains on whole 128x128 phantoms at ~6 images/s with bf16 autocast (~2 in
         # float32) on an AVX512-BF16 CPU. Whole images, not windows, so that the net learns a phantom's layout; the
         # v head keeps the high-noise steps, which set that layout, exact (network.py).
