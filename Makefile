@@ -49,9 +49,11 @@ bench-claims: setup
 bench-claims-standard: setup
 	$(BIN)/d3ip benchmark --suite claims --preset standard --grid 64 -o docs/claims_standard_64 --overwrite
 
-# quality of the bundled prior against a tuned TV denoiser (appends to the committed curve)
+# quality of the bundled prior against a tuned TV denoiser, appended to the curve of the
+# training stage it came from ("source" in src/d3ip_cli/prior/weights/phantom_cpu.json)
+PRIOR_STAGE := training/prior_cpu_anneal
 prior-eval: setup
-	$(BIN)/python scripts/eval_prior.py --csv training/prior_cpu/quality.csv --plot docs/prior/quality.png \
+	$(BIN)/python scripts/eval_prior.py --csv $(PRIOR_STAGE)/quality.csv --plot $(PRIOR_STAGE)/quality.png \
 	  --samples-png docs/prior/samples.png --sample-steps 50
 
 clean:
