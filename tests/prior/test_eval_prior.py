@@ -98,3 +98,21 @@ def test_eval_prior_refuses_other_noise_levels_in_a_csv(tiny_prior, tmp_path, ca
     assert ev.main([*common, "--ts", 100, "--plot", tmp_path / "q.png"]) == 2
     assert "noise levels" in capsys.readouterr().err
     assert csv_path.read_text() == before and not (tmp_path / "q.png").exists()
+
+
+def test_lineage_plot_joins_the_stages_in_order(tmp_path):
+    """scripts/plot_prior_lineage.py on the committed quality curves of the bundled prior's stages."""
+    root = SCRIPT.parents[1]
+    spec = importlib.util.spec_from_file_location("plot_prior_lineage", SCRIPT.parent / "plot_prior_lineage.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    stages = [root / "training" / s for s in ("prior_cpu", "prior_cpu_veps", "prior_cpu_anneal")]
+    out_csv, out_png = tmp_path / "q.csv", tmp_path / "q.png"
+    assert mod.main([*map(str, stages), "--until", "prior_cpu=6250", "--csv", str(out_csv),
+                     "--plot", str(out_png)]) == 0
+    with open(out_csv, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    steps = [int(r["steps"]) for r in rows]
+    assert steps == sorted(steps) and 7250 not in steps  # the off-lineage 7,250-step row is left out
+    assert "recon_psnr_dds" in rows[0] and rows[-1]["recon_psnr_dds"]  # columns of later stages kept
+    assert out_png.stat().st_size > 10_000
