@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
             for r in reader:
                 if stage.name in limits and int(r["steps"]) > limits[stage.name]:
                     continue
-                rows.append(r)
+                rows.append(dict(r, stage=stage.name))
     if "stage" not in fields:
         fields.append("stage")
     with open(args.csv, "w", newline="") as fh:

@@ -277,7 +277,8 @@ def test_the_bundled_states_recipe_resumes_from_the_cli(cli, tmp_path):
     ident = ckpt.read_metadata(state)["identity"]
     cfg = pt.PretrainConfig.from_preset("cpu", crop=64, precision="fp32")
     cfg.architecture = dict(cfg.architecture, prediction="eps")
-    theirs = dict(ident, precision=ident.get("precision", "fp32"), anneal=ident.get("anneal", 0))
+    theirs = dict(ident, precision=ident.get("precision", "fp32"), anneal=ident.get("anneal", 0),
+                  anneal_end=ident.get("anneal_end"))
     theirs["architecture"] = pt._jsonable(pt.UNetConfig.from_dict(ident["architecture"]).to_dict())
     assert theirs == pt._jsonable(cfg.identity())
 
@@ -314,3 +315,6 @@ def test_anneal_is_part_of_what_resume_must_share(cli, tmp_path):
     assert ckpt.read_metadata(out)["training"]["anneal"] == 4
     r = cli(["pretrain-phantom", "-o", out, "--preset", "tiny", "--steps", "6", "--anneal", "2", "--resume"])
     assert r.exit_code == 3 and "anneal 4 (now 2)" in r.output
+    # the schedule ends at --steps: extending an annealed run would restart the decayed rate
+    r = cli(["pretrain-phantom", "-o", out, "--preset", "tiny", "--steps", "8", "--anneal", "4", "--resume"])
+    assert r.exit_code == 3 and "anneal_end 4 (now 8)" in r.output

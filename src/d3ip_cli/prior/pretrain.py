@@ -123,6 +123,8 @@ class PretrainConfig:
         """The settings a resumed run must share with the run it continues."""
         return {"architecture": self.unet_config().to_dict(), "resolution": self.resolution, "crop": self.crop,
                 "batch_size": self.batch_size, "lr": self.lr, "warmup": self.warmup, "anneal": self.anneal,
+                # an annealed schedule ends at --steps, so a resumed annealed run must keep them
+                "anneal_end": self.steps if self.anneal else None,
                 "seed": self.seed,
                 "ema_decay": self.ema_decay, "grad_clip": self.grad_clip, "weight_decay": self.weight_decay,
                 "recipe": self.recipe, "precision": self.precision}
@@ -258,6 +260,7 @@ def train(
         # precision what their training record says
         theirs.setdefault("precision", (meta.get("training") or {}).get("precision", "fp32"))
         theirs.setdefault("anneal", 0)
+        theirs.setdefault("anneal_end", None)
         if "architecture" in theirs:
             theirs["architecture"] = _jsonable(_arch_config(theirs["architecture"], spath).to_dict())
         if theirs != ours:
