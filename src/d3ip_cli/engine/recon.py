@@ -471,33 +471,25 @@ def default_output_path(input_path: str | os.PathLike, method: str, task: str,
     """
     p = Path(input_path)
     name = p.name.rstrip("/")
-    low = name.lower()
-    tag = f"_{method}_{task}"
-    base, fmt = None, None
-    for suffix, f in ((".nii.gz", "nifti"), (".nii", "nifti"), (".npy", "npy")):
-        if low.endswith(suffix):
-            base, fmt, p = name[: -len(suffix)] + tag, f, p.with_name(name[: -len(suffix)] + tag + suffix)
+    where = p.parent
+    for suffix, fmt in ((".nii.gz", "nifti"), (".nii", "nifti"), (".npy", "npy")):
+        if name.lower().endswith(suffix):
+            stem = name[: -len(suffix)]
             break
     else:
+        stem, fmt, suffix = name, "dicom", ""
         if is_measurement_path(p):
-            base, fmt = Path(name).stem + tag, "nifti"
-            p = p.with_name(base + ".nii.gz")
+            stem, fmt, suffix = Path(name).stem, "nifti", ".nii.gz"
         elif p.is_file():  # one DICOM file: beside its folder, prefixed with the folder's name
-            stem = name[: -len(Path(name).suffix)] if Path(name).suffix else name
             folder = p.resolve().parent
-            base, fmt = f"{folder.name}_{stem}{tag}", "dicom"
-            p = folder.with_name(base)
-        else:
-            base, fmt = name + tag, "dicom"
-            p = p.with_name(base)
+            stem, where = f"{folder.name}_{Path(name).stem}", folder.parent
     if format:
-        from d3ip_cli.io.volumes import detect_format
+        from d3ip_cli.io.volumes import normalise_format
 
-        want = detect_format(Path("name-without-suffix"), format)  # validates and normalises --format
+        want = normalise_format(format)
         if want != fmt:
-            p = p.with_name(base + {"nifti": ".nii.gz", "npy": ".npy", "dicom": ""}[want])
-            fmt = want
-    return p, fmt
+            fmt, suffix = want, {"nifti": ".nii.gz", "npy": ".npy", "dicom": ""}[want]
+    return where / f"{stem}_{method}_{task}{suffix}", fmt
 
 
 def write_result(result: ReconResult, output: str | os.PathLike, *, overwrite: bool = False,

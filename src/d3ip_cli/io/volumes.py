@@ -77,6 +77,15 @@ def _suffix_format(name: str) -> str | None:
     return None
 
 
+def normalise_format(format: str) -> str:
+    """``--format``'s value as ``"dicom"``, ``"nifti"`` or ``"npy"`` (aliases accepted), or a
+    usage error (exit 2)."""
+    key = format.strip().lower()
+    if key not in _ALIASES:
+        raise UsageError(f"--format {format!r}: expected one of {', '.join(FORMATS)}")
+    return _ALIASES[key]
+
+
 def detect_format(path: str | os.PathLike, format: str | None = None) -> str:
     """``"dicom"``, ``"nifti"`` or ``"npy"`` for ``path`` (input or output).
 
@@ -88,13 +97,11 @@ def detect_format(path: str | os.PathLike, format: str | None = None) -> str:
     p = Path(path)
     name = _name(p)
     if format:
-        key = format.strip().lower()
-        if key not in _ALIASES:
-            raise UsageError(f"--format {format!r}: expected one of {', '.join(FORMATS)}")
+        fmt = normalise_format(format)
         by_suffix = _suffix_format(name)
-        if by_suffix and by_suffix != _ALIASES[key]:
+        if by_suffix and by_suffix != fmt:
             raise UsageError(f"--format {format} contradicts the suffix of {p} ({by_suffix})")
-        return _ALIASES[key]
+        return fmt
     if name.endswith(".nii") or name.endswith(".nii.gz"):
         return "nifti"
     if name.endswith(".npy"):

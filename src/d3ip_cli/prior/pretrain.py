@@ -255,14 +255,7 @@ def train(
         if not spath.exists():
             raise InputDataError(f"--resume: no training state at {spath} (start without --resume)")
         tensors, meta = ckpt.load_tensors(spath)
-        theirs, ours = dict(meta.get("identity") or {}), _jsonable(cfg.identity())
-        # states written before a field existed hold its default (an ε head, float32), or for the
-        # precision what their training record says
-        theirs.setdefault("precision", (meta.get("training") or {}).get("precision", "fp32"))
-        theirs.setdefault("anneal", 0)
-        theirs.setdefault("anneal_end", None)
-        if "architecture" in theirs:
-            theirs["architecture"] = _jsonable(_arch_config(theirs["architecture"], spath).to_dict())
+        theirs, ours = stored_identity(meta, spath), _jsonable(cfg.identity())
         if theirs != ours:
             diff = ", ".join(f"{k} {theirs.get(k)!r} (now {ours.get(k)!r})" for k in ours if theirs.get(k) != ours.get(k))
             raise InputDataError(f"--resume: {spath} was written with different settings ({diff}); "
@@ -350,6 +343,19 @@ def _arch_config(d: dict, path: str | os.PathLike) -> UNetConfig:
         return UNetConfig.from_dict(d)
     except (TypeError, ValueError) as exc:
         raise InputDataError(f"{path}: unusable architecture in its header ({exc})") from None
+
+
+def stored_identity(meta: dict[str, Any], path: str | os.PathLike) -> dict[str, Any]:
+    """The settings a training state was written with, comparable with
+    ``_jsonable(cfg.identity())``: states written before a field existed hold its default
+    (an ε head, constant learning rate) or, for the precision, what their record says."""
+    ident = dict(meta.get("identity") or {})
+    ident.setdefault("precision", (meta.get("training") or {}).get("precision", "fp32"))
+    ident.setdefault("anneal", 0)
+    ident.setdefault("anneal_end", None)
+    if "architecture" in ident:
+        ident["architecture"] = _jsonable(_arch_config(ident["architecture"], path).to_dict())
+    return ident
 
 
 def check_init(path: str | os.PathLike, cfg: PretrainConfig) -> None:
