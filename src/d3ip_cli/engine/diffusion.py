@@ -229,9 +229,9 @@ def _pick(pool: torch.Tensor, m: int, contiguous: bool, generator: torch.Generat
     n = pool.numel()
     m = min(m, n)
     if contiguous:
-        start = int(torch.randint(0, n - m + 1, (1,), generator=generator))
+        start = int(torch.randint(0, n - m + 1, (1,), generator=generator, device=generator.device))
         return pool[start:start + m]
-    return pool[torch.randperm(n, generator=generator)[:m]].sort().values
+    return pool[torch.randperm(n, generator=generator, device=generator.device)[:m].to(pool.device)].sort().values
 
 
 def adaptation_loss(model: torch.nn.Module, op: LinearOperator, y: torch.Tensor, smap: StateMap, x: torch.Tensor,
@@ -473,8 +473,8 @@ def _reptile(net: torch.nn.Module, params: list[torch.nn.Parameter], op: LinearO
     x_state = smap.to_state(x_init)
     for outer in range(s.meta_outer):
         theta = [p.detach().clone() for p in params]
-        i = int(torch.randint(0, z, (1,), generator=generator))
-        t = int(torch.randint(s.adapt_t_min, s.adapt_t_max + 1, (1,), generator=generator))
+        i = int(torch.randint(0, z, (1,), generator=generator, device=generator.device))
+        t = int(torch.randint(s.adapt_t_min, s.adapt_t_max + 1, (1,), generator=generator, device=generator.device))
         xt = diffuse(x_state, t, abar, generator)
         opt = torch.optim.AdamW(params, lr=s.lr)
         with torch.enable_grad():

@@ -96,7 +96,7 @@ def inject_lora(model: nn.Module, rank: int = 4, *, train_bias: bool = False, sc
         p.requires_grad_(False)
     with torch.random.fork_rng(devices=[]):
         if generator is not None:
-            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
+            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=generator.device)))
         for block in _target_blocks(model):
             for name, child in list(block.named_children()):
                 if isinstance(child, nn.Conv2d):

@@ -35,7 +35,8 @@ def _center(n: int, center_fraction: float) -> tuple[int, int]:
 
 
 def _randint(high: int, generator: torch.Generator | None) -> int:
-    return int(torch.randint(0, max(int(high), 1), (1,), generator=generator).item())
+    dev = generator.device if generator is not None else None
+    return int(torch.randint(0, max(int(high), 1), (1,), generator=generator, device=dev).item())
 
 
 def uniform1d(shape: tuple[int, int, int], acceleration: float, center_fraction: float = 0.08,
