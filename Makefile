@@ -51,7 +51,7 @@ bench-claims-standard: setup
 
 # quality of the bundled prior against a tuned TV denoiser, appended to the curve of the
 # training stage it came from ("source" in src/d3ip_cli/prior/weights/phantom_cpu.json)
-PRIOR_STAGE := training/prior_cpu_anneal
+PRIOR_STAGE := training/prior_gpu_h100
 prior-eval: setup
 	$(BIN)/python scripts/eval_prior.py --csv $(PRIOR_STAGE)/quality.csv --plot $(PRIOR_STAGE)/quality.png \
 	  --samples-png docs/prior/samples.png --sample-steps 50
