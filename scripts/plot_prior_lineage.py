@@ -5,7 +5,8 @@ Each stage folder in ``training/`` keeps its own ``quality.csv`` (rows written b
 from, in order, into one CSV and draws it with :func:`eval_prior.plot_csv`::
 
     python scripts/plot_prior_lineage.py training/prior_cpu training/prior_cpu_veps \\
-        training/prior_cpu_anneal --csv docs/prior/quality_lineage.csv --plot docs/prior/quality.png
+        training/prior_cpu_anneal training/prior_gpu_h100 --until prior_cpu=6250 \\
+        --csv docs/prior/quality_lineage.csv --plot docs/prior/quality.png
 
 Rows of a stage that are not on the lineage (an evaluation of another branch, at more steps
 than the next stage started from) are left out with ``--until STAGE=STEPS``.

@@ -627,6 +627,7 @@ def run_registered(name: str, op: LinearOperator, y: torch.Tensor, x_init: torch
         if ctx.checkpoint_dir:
             key = run_key(y, name, key_settings, {"seed": ctx.seed, "sample": k, "prior": meta.get("sha256"),
                                                   "world": world_size, "operator": repr(op),
+                                                  "device": dev.type,  # a CPU generator state cannot seed a CUDA one
                                                   "adapter": _file_sha256(ctx.params.get("adapter"))})
             resume_k = has_state[k]
             if lockstep:  # all ranks resume, or none (a kill can land before a rank's first save)

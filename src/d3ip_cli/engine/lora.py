@@ -96,7 +96,9 @@ def inject_lora(model: nn.Module, rank: int = 4, *, train_bias: bool = False, sc
         p.requires_grad_(False)
     with torch.random.fork_rng(devices=[]):
         if generator is not None:
-            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=generator.device)))
+            # the CPU generator alone (the new layers are built on the CPU): torch.manual_seed would
+            # also reseed the CUDA generators, which fork_rng(devices=[]) does not restore
+            torch.default_generator.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=generator.device)))
         for block in _target_blocks(model):
             for name, child in list(block.named_children()):
                 if isinstance(child, nn.Conv2d):

@@ -76,7 +76,8 @@ def gaussian1d(shape: tuple[int, int, int], acceleration: float, center_fraction
         mask[i, start:start + num_low] = 1
         extra = min(target - num_low, int((density > 0).sum()))
         if extra > 0:
-            mask[i, torch.multinomial(density, extra, replacement=False, generator=generator)] = 1
+            dev = generator.device if generator is not None else density.device
+            mask[i, torch.multinomial(density.to(dev), extra, replacement=False, generator=generator).cpu()] = 1
     return mask[:, None, :].expand(z, h, w).contiguous()
 
 
