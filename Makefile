@@ -41,11 +41,11 @@ bench: setup
 bench-quick: setup
 	$(BIN)/d3ip benchmark --suite quick -o docs/results --overwrite
 
-# issue 5's quality claims at a CPU user's settings (128x128, fast preset; ~6 min with 2 threads)
+# issue 5's quality claims at a CPU user's settings (128x128, fast preset; ~7 min with 2 threads)
 bench-claims: setup
 	$(BIN)/d3ip benchmark --suite claims -o docs/claims --overwrite
 
-# the same claims at the paper's sampler settings (standard preset), at 64x64 to fit a CPU (~35-50 min)
+# the same claims at the paper's sampler settings (standard preset), at 64x64 to fit a CPU (~18 min with 2 threads)
 bench-claims-standard: setup
 	$(BIN)/d3ip benchmark --suite claims --preset standard --grid 64 -o docs/claims_standard_64 --overwrite
 
