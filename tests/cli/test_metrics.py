@@ -45,3 +45,22 @@ def test_through_slice_error_sees_z_artefacts():
     ref = np.tile(np.linspace(0, 1, 10)[:, None, None], (1, 8, 8))
     flicker = ref + 0.05 * (np.arange(10) % 2)[:, None, None]
     assert volume_metrics(flicker, ref)["z_rel_l2"] > volume_metrics(ref + 0.05, ref)["z_rel_l2"]
+
+
+def test_volumes_elsewhere_in_space_are_refused(cli, tmp_path):
+    """Metrics compare voxel arrays: a copy shifted 50 mm, or stored in another orientation,
+    must not score as identical (or as garbage); arrays without a geometry are compared as they are."""
+    import nibabel as nib
+    data = np.arange(4 * 6 * 5, dtype=np.float32).reshape(5, 6, 4)
+    base = np.diag([1.0, 1.0, 2.0, 1.0])
+    nib.save(nib.Nifti1Image(data, base), tmp_path / "a.nii.gz")
+    shifted = base.copy()
+    shifted[:3, 3] += 50
+    nib.save(nib.Nifti1Image(data, shifted), tmp_path / "b.nii.gz")
+    flipped = base @ np.diag([-1.0, 1.0, 1.0, 1.0])
+    nib.save(nib.Nifti1Image(data, flipped), tmp_path / "c.nii.gz")
+    r = cli(["metrics", tmp_path / "a.nii.gz", tmp_path / "a.nii.gz"])
+    assert r.exit_code == 0, r.output
+    for other in ("b.nii.gz", "c.nii.gz"):
+        r = cli(["metrics", tmp_path / other, tmp_path / "a.nii.gz"])
+        assert r.exit_code == 3 and "another grid in space" in r.stderr, r.output

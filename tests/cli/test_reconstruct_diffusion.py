@@ -228,6 +228,8 @@ def test_adapter_options_are_checked_before_any_work(cli, prior, volume, tmp_pat
     assert r.exit_code == 2 and "fresh adapter per slice" in r.output and not (tmp_path / "o1.npy").exists()
     r = cli([*base, "--method", "dds", "--adapter", tmp_path / "a.safetensors", "-o", tmp_path / "o2.npy"])
     assert r.exit_code == 2 and "--adapter" in r.output
+    r = cli([*base, "--adapter", tmp_path / "missing.safetensors", "-o", tmp_path / "o2b.npy"])
+    assert r.exit_code == 3 and "--adapter" in r.stderr and "prior" not in r.stderr and not (tmp_path / "o2b.npy").exists()
     r = cli([*base, "--save-adapter", tmp_path / "no" / "dir" / "a.safetensors", "-o", tmp_path / "o3.npy"])
     assert r.exit_code == 0, r.output  # a missing folder is created, as for any output
     taken = tmp_path / "taken.safetensors"

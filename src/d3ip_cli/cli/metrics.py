@@ -28,10 +28,12 @@ def register(app: typer.Typer) -> None:
         Example: d3ip metrics recon.nii.gz truth.nii.gz --json
         """
         from d3ip_cli.bench.metrics import volume_metrics
-        from d3ip_cli.io.volumes import read_volume
+        from d3ip_cli.io.volumes import check_same_grid, read_volume
 
         x = read_volume(recon)
         r = read_volume(reference)
+        if x.shape == r.shape:
+            check_same_grid(x, r)
         doc = volume_metrics(x.data, r.data, data_range=data_range)
         doc = {"recon": str(recon), "reference": str(reference), **doc}
         if json_out:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import os
 import time
 from typing import Any, Callable
 
@@ -518,6 +519,10 @@ def check_adapter_options(method: str, adapter: str | None, save_adapter: str | 
                          f"{', '.join(SHARED_ADAPTER_METHODS)}")
     if adapter and method == "dds":
         raise UsageError(f"--adapter: dds runs the prior as it is; start {', '.join(ADAPTER_METHODS)} from an adapter")
+    if adapter and not os.path.isfile(adapter):
+        from d3ip_cli.core.errors import InputDataError
+
+        raise InputDataError(f"--adapter {adapter} does not exist or is not a file")
 
 
 def load_prior_for(path: str | None, device: torch.device) -> tuple[torch.nn.Module, dict]:

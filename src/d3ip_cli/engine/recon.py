@@ -337,6 +337,9 @@ def load_problem(input_path: str | os.PathLike, cfg: ReconConfig, *, device: tor
         ref = prepare_volume(reference_path, slices=cfg.slices, grid=cfg.grid)
         if ref.shape != vol.shape:
             raise InputDataError(f"--reference has shape {list(ref.shape)}, the reconstruction grid is {list(vol.shape)}")
+        from d3ip_cli.io.volumes import check_same_grid
+
+        check_same_grid(vol, ref, what="--reference")
         problem.reference = np.asarray(ref.data, dtype=np.float32)
     return problem
 

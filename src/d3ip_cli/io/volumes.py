@@ -281,3 +281,22 @@ def volume_summary(volume: "Volume", *, with_stats: bool = True) -> dict[str, An
         doc["mean"] = float(np.mean(d, dtype=np.float64))
         doc["std"] = float(np.std(d, dtype=np.float64))
     return doc
+
+
+def check_same_grid(recon: Any, reference: Any, *, what: str = "reference") -> None:
+    """Refuse (exit 3) two volumes of the same shape that sit differently in space.
+
+    The metrics compare voxel arrays, so a reference stored in another orientation or at
+    another origin (e.g. RAS-stored NIfTI against a DICOM series) would give a meaningless
+    score. Volumes without a geometry (NumPy arrays) are compared as they are.
+    """
+    fmts = {(recon.meta or {}).get("source_format"), (reference.meta or {}).get("source_format")}
+    if "numpy" in fmts or "npy" in fmts:
+        return
+    import numpy as np
+
+    a, b = np.asarray(recon.affine, dtype=float), np.asarray(reference.affine, dtype=float)
+    tol = 0.01 * float(min(np.linalg.norm(a[:3, :3], axis=0).min(), np.linalg.norm(b[:3, :3], axis=0).min()))
+    if not np.allclose(a, b, rtol=0, atol=max(tol, 1e-4)):
+        raise InputDataError(f"the {what} is on another grid in space (orientation, spacing or origin differ; "
+                             "voxel-wise metrics would be meaningless): resample one onto the other first")
