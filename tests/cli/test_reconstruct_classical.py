@@ -308,3 +308,25 @@ def test_a_modality_mismatch_is_noted(cli, ct_slice, tmp_path):
     assert any("the input is a CT image" in w for w in doc["warnings"])
     doc = _run(cli, [ct_slice, "--task", "sparse-view", "--method", "fbp", "-o", tmp_path / "b.nii.gz"])
     assert not any("synthetic study" in w for w in doc["warnings"])
+
+
+@pytest.mark.parametrize("args, flag", [
+    (["--task", "limited-angle", "--views", "30"], "--views"),
+    (["--task", "sparse-view", "--arc", "45"], "--arc"),
+    (["--task", "sparse-view", "--coils", "8"], "--coils"),
+    (["--task", "cs-mri", "--views", "30"], "--views"),
+    (["--task", "sparse-view", "--noise", "poisson", "--sigma", "0.5"], "--sigma"),
+    (["--task", "sparse-view", "--i0", "1e4"], "--i0"),
+])
+def test_options_of_another_task_are_refused_not_ignored(cli, anatomy, tmp_path, args, flag):
+    for command, out in (("reconstruct", tmp_path / "o.npy"), ("simulate", tmp_path / "o.h5")):
+        extra = ["--method", "fbp" if "cs-mri" not in args else "zero-filled"] if command == "reconstruct" else []
+        r = cli([command, anatomy, *args, *extra, "--slices", "10:12", "-o", out])
+        assert r.exit_code == 2, (command, r.output)
+        assert r.stderr.strip().splitlines()[-1].startswith(f"error: {flag} does not apply")
+        assert not out.exists()
+
+
+def test_options_of_the_task_are_accepted(cli, anatomy, tmp_path):
+    _run(cli, [anatomy, "--task", "sparse-view", "--views", "20", "--noise", "poisson", "--i0", "1e5",
+               "--method", "fbp", "--slices", "10:12", "-o", tmp_path / "sv.npy"])

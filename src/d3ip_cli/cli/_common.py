@@ -164,3 +164,29 @@ def guarded(fn: Callable) -> Callable:
 def _is_oom(exc: BaseException) -> bool:
     name = type(exc).__name__
     return name == "OutOfMemoryError" or "out of memory" in str(exc).lower()
+
+
+# the acquisition options each task uses; any other one given on the command line is refused
+TASK_ACQUISITION: dict[str, set[str]] = {
+    "sparse-view": {"views"},
+    "limited-angle": {"arc"},
+    "cs-mri": {"acceleration", "mask", "center_fraction", "coils"},
+}
+NOISE_ACQUISITION: dict[str, set[str]] = {"poisson": {"i0"}, "gaussian": {"sigma"}}
+
+
+def check_acquisition_options(ctx: typer.Context, task: str, noise: str) -> None:
+    """Refuse (exit 2) acquisition options given on the command line that ``task`` (and
+    ``--noise``) would silently ignore, e.g. ``--views`` with ``--task limited-angle``."""
+    from d3ip_cli.core.errors import UsageError
+
+    names = set().union(*TASK_ACQUISITION.values(), *NOISE_ACQUISITION.values())
+    given = {n for n in names if getattr(ctx.get_parameter_source(n), "name", None) == "COMMANDLINE"}
+    used = TASK_ACQUISITION.get(task, set()) | NOISE_ACQUISITION.get((noise or "none").lower(), set())
+    unused = sorted(given - used)
+    if unused:
+        flag = f"--{unused[0].replace('_', '-')}"
+        owner = next((f"--task {t}" for t, s in TASK_ACQUISITION.items() if unused[0] in s), None)
+        owner = owner or next(f"--noise {k}" for k, s in NOISE_ACQUISITION.items() if unused[0] in s)
+        raise UsageError(f"{flag} does not apply to --task {task} with --noise {noise or 'none'} "
+                         f"(it is an option of {owner})")

@@ -13,6 +13,7 @@ from d3ip_cli.cli._common import (
     BackendOpt,
     CenterFractionOpt,
     CoilsOpt,
+    check_acquisition_options,
     DeviceOpt,
     FrameOpt,
     GridOpt,
@@ -137,6 +138,8 @@ def register(app: typer.Typer) -> None:
             dev = distributed.local_device(dev)
         rank, world_size = distributed.world()
         task_name = cfg.task or (peek_task(input) if is_measurement_path(input) else None)
+        if cfg.task and not is_measurement_path(input):
+            check_acquisition_options(ctx, cfg.task, noise)
         get_method(cfg.method, task_name)
         if output is None:
             if not input.exists():

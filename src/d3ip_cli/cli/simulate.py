@@ -13,6 +13,7 @@ from d3ip_cli.cli._common import (
     BackendOpt,
     CenterFractionOpt,
     CoilsOpt,
+    check_acquisition_options,
     DeviceOpt,
     FrameOpt,
     GridOpt,
@@ -37,6 +38,7 @@ def register(app: typer.Typer) -> None:
     @app.command("simulate")
     @guarded
     def simulate(
+        ctx: typer.Context,
         input: Annotated[Path, typer.Argument(help="Image volume: DICOM file/directory, NIfTI or .npy.")],
         output: Annotated[Path, typer.Option("-o", "--output", help="Measurement file to write (.h5).")],
         task: Annotated[str, typer.Option("--task", help="sparse-view, limited-angle or cs-mri.")],
@@ -78,6 +80,7 @@ def register(app: typer.Typer) -> None:
                                           center_fraction=center_fraction, coils=coils, backend=backend, noise=noise,
                                           i0=i0, sigma=sigma, slices=slices, grid=grid, series=series, frame=frame,
                                           seed=seed)
+        check_acquisition_options(ctx, cfg.task, noise)
         from d3ip_cli.core.errors import UsageError
         from d3ip_cli.io.measurement import MEASUREMENT_SUFFIXES
 
