@@ -52,7 +52,7 @@ def check_output(path: str | os.PathLike, overwrite: bool = False, inputs: tuple
         src_r, p_r = Path(src).resolve(), p.resolve()
         if src_r == p_r or p_r in src_r.parents:
             raise OutputError(f"output {p} would replace the input {src}; give another output name")
-    if p.exists() and not overwrite:
+    if p.exists() and not overwrite and not _empty_dir(p):
         raise OutputError(f"output {p} exists (use --overwrite to replace it)")
     if p.is_dir() and not p.is_symlink():
         foreign = [c.name for c in p.iterdir() if c.name not in OS_LITTER and not written_by_d3ip(c)]
@@ -92,7 +92,7 @@ def atomic_output(path: str | os.PathLike, overwrite: bool = False, directory: b
             tmp.mkdir()
         yield tmp
         if target.exists():
-            if not overwrite:
+            if not overwrite and not (directory and _empty_dir(target)):
                 raise OutputError(f"output {target} appeared while writing (use --overwrite)")
             old = target.parent / f"{PARTIAL_PREFIX}old-{target.name}-{uuid.uuid4().hex[:8]}"
             os.replace(target, old)
@@ -106,6 +106,12 @@ def atomic_output(path: str | os.PathLike, overwrite: bool = False, directory: b
     except BaseException:
         _remove(tmp)
         raise
+
+
+def _empty_dir(p: Path) -> bool:
+    """A real folder holding nothing (but OS litter): safe to write a folder output into, as
+    users who ``mkdir`` first expect."""
+    return p.is_dir() and not p.is_symlink() and all(c.name in OS_LITTER for c in p.iterdir())
 
 
 def _remove(p: Path) -> None:
