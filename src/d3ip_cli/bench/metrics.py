@@ -91,4 +91,3 @@ def volume_metrics(recon: Any, reference: Any, *, data_range: float | None = Non
         if den > 0:
             out["z_rel_l2"] = round(float(np.linalg.norm(np.diff(x, axis=0) - dz_r) / den), 6)
     return out
-

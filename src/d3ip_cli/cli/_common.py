@@ -180,13 +180,11 @@ def check_acquisition_options(ctx: typer.Context, task: str, noise: str) -> None
     ``--noise``) would silently ignore, e.g. ``--views`` with ``--task limited-angle``."""
     from d3ip_cli.core.errors import UsageError
 
-    names = set().union(*TASK_ACQUISITION.values(), *NOISE_ACQUISITION.values())
-    given = {n for n in names if getattr(ctx.get_parameter_source(n), "name", None) == "COMMANDLINE"}
+    owner = {n: f"--task {t}" for t, names in TASK_ACQUISITION.items() for n in names}
+    owner |= {n: f"--noise {k}" for k, names in NOISE_ACQUISITION.items() for n in names}
     used = TASK_ACQUISITION.get(task, set()) | NOISE_ACQUISITION.get((noise or "none").lower(), set())
-    unused = sorted(given - used)
+    unused = sorted(n for n in owner if n not in used
+                    and getattr(ctx.get_parameter_source(n), "name", None) == "COMMANDLINE")
     if unused:
-        flag = f"--{unused[0].replace('_', '-')}"
-        owner = next((f"--task {t}" for t, s in TASK_ACQUISITION.items() if unused[0] in s), None)
-        owner = owner or next(f"--noise {k}" for k, s in NOISE_ACQUISITION.items() if unused[0] in s)
-        raise UsageError(f"{flag} does not apply to --task {task} with --noise {noise or 'none'} "
-                         f"(it is an option of {owner})")
+        raise UsageError(f"--{unused[0].replace('_', '-')} does not apply to --task {task} with --noise "
+                         f"{noise or 'none'} (it is an option of {owner[unused[0]]})")

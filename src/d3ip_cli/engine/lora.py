@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 import os
-from pathlib import Path
 from typing import Any, Iterable
 
 import torch
@@ -168,9 +167,7 @@ def load_adapter(path: str | os.PathLike, model: nn.Module, prior_meta: dict[str
     """Load an adapter file into a LoRA-injected model; refuses adapters of another architecture."""
     from d3ip_cli.prior.checkpoint import load_tensors
 
-    if not Path(path).is_file():
-        raise InputDataError(f"adapter {path} does not exist or is not a file")
-    tensors, meta = load_tensors(path)
+    tensors, meta = load_tensors(path, what="adapter")
     if meta.get("format") != "d3ip-adapter":
         raise InputDataError(f"{path} is not a d3ip adapter (format {meta.get('format')!r})")
     if prior_meta is not None and meta.get("architecture") not in (None, prior_meta.get("architecture")):

@@ -290,8 +290,7 @@ def check_same_grid(recon: Any, reference: Any, *, what: str = "reference") -> N
     another origin (e.g. RAS-stored NIfTI against a DICOM series) would give a meaningless
     score. Volumes without a geometry (NumPy arrays) are compared as they are.
     """
-    fmts = {(recon.meta or {}).get("source_format"), (reference.meta or {}).get("source_format")}
-    if "numpy" in fmts or "npy" in fmts:
+    if "npy" in {(v.meta or {}).get("source_format") for v in (recon, reference)}:
         return
     import numpy as np
 

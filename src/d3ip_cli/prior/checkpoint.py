@@ -38,11 +38,11 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def _check_safetensors(path: Path) -> None:
+def _check_safetensors(path: Path, what: str = "prior") -> None:
     if not path.exists():
-        raise InputDataError(f"prior {path} does not exist")
+        raise InputDataError(f"{what} {path} does not exist")
     if path.is_dir():
-        raise InputDataError(f"prior {path} is a directory, expected a .safetensors file")
+        raise InputDataError(f"{what} {path} is a directory, expected a .safetensors file")
     with open(path, "rb") as fh:
         head = fh.read(8)
     if head[:2] in _PICKLE_MAGIC[:4] or head[:4] == _PICKLE_MAGIC[4]:
@@ -54,12 +54,12 @@ def _check_safetensors(path: Path) -> None:
         raise InputDataError(f"{path} is not a safetensors file (bad header)")
 
 
-def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+def read_metadata(path: str | os.PathLike, what: str = "prior") -> dict[str, Any]:
     """The JSON header of a d3ip safetensors file."""
     from safetensors import safe_open
 
     p = Path(path)
-    _check_safetensors(p)
+    _check_safetensors(p, what)
     try:
         with safe_open(str(p), framework="pt") as fh:
             meta = fh.metadata() or {}
@@ -73,11 +73,11 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
         raise InputDataError(f"{p} has a corrupt d3ip metadata header") from None
 
 
-def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def load_tensors(path: str | os.PathLike, what: str = "prior") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """All tensors and the d3ip metadata of a safetensors file (checked, never unpickled)."""
     from safetensors.torch import load_file
 
-    meta = read_metadata(path)
+    meta = read_metadata(path, what)
     try:
         tensors = load_file(str(path))
     except Exception as exc:  # noqa: BLE001
