@@ -66,3 +66,17 @@ def test_a_parse_error_with_brackets_is_still_one_line():
     r = subprocess.run([sys.executable, "-m", "d3ip_cli", "reconstruct", "--bogus-[/b]"], capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.strip() == "error: No such option: --bogus-[/b] (see d3ip reconstruct --help)"
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_debug_is_accepted_before_or_after_any_command(tmp_path, where):
+    """``--debug`` works with every command, not only those that list it (here ``info``)."""
+    bad = tmp_path / "broken.nii.gz"
+    bad.write_bytes(b"not a nifti")
+    args = ["--debug", "info", str(bad)] if where == "before" else ["info", str(bad), "--debug"]
+    r = subprocess.run([sys.executable, "-m", "d3ip_cli", *args], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 3, r.stderr
+    assert "Traceback" in r.stderr and r.stderr.rstrip().splitlines()[-1].startswith("error:"), r.stderr
+    plain = subprocess.run([sys.executable, "-m", "d3ip_cli", "info", str(bad)], capture_output=True, text=True,
+                           timeout=120)
+    assert plain.returncode == 3 and "Traceback" not in plain.stderr

@@ -232,6 +232,11 @@ def test_adapter_options_are_checked_before_any_work(cli, prior, volume, tmp_pat
     assert r.exit_code == 3 and "--adapter" in r.stderr and "prior" not in r.stderr and not (tmp_path / "o2b.npy").exists()
     r = cli([*base, "--save-adapter", tmp_path / "no" / "dir" / "a.safetensors", "-o", tmp_path / "o3.npy"])
     assert r.exit_code == 0, r.output  # a missing folder is created, as for any output
+    from d3ip_cli.core.record import sha256_path
+
+    outputs = json.loads((tmp_path / "o3.npy.json").read_text())["outputs"]
+    saved_entry = [o for o in outputs if o["role"] == "adapter"]  # the run record lists the saved adapter
+    assert len(saved_entry) == 1 and saved_entry[0]["sha256"] == sha256_path(tmp_path / "no" / "dir" / "a.safetensors")
     taken = tmp_path / "taken.safetensors"
     taken.write_bytes(b"keep")
     r = cli([*base, "--save-adapter", taken, "-o", tmp_path / "o4.npy"])

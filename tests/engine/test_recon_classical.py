@@ -171,3 +171,28 @@ def test_method_registry(monkeypatch):
         assert torch.equal(x, x0) and seen["ctx"].params == {"weight": 2.0} and seen["ctx"].seed == 7
     finally:
         M.METHODS.pop("echo-test", None)
+
+
+@pytest.mark.parametrize("superior_first", [False, True])
+def test_report_views_put_the_head_at_the_top_whatever_the_storage_order(superior_first):
+    """The report's coronal/sagittal cuts show superior at the top, axial anterior at the top and
+    the patient's left on the right, for a RAS-stored volume (the bundled example) and its flip."""
+    from d3ip_cli.engine.recon import report_orientation
+
+    z, h, w = 6, 8, 10
+    v = np.zeros((z, h, w), np.float32)
+    A = np.eye(4)
+    A[:3, :3] = [[0, 0, 1], [0, 1, 0], [1, 0, 0]]  # index (k, i, j) -> RAS (j, i, k): slices towards superior
+    v[z - 1] = 1.0  # the most superior slice
+    v[:, h - 1, :] += 2.0  # the most anterior row
+    v[:, :, w - 1] += 4.0  # the patient's rightmost column
+    if superior_first:  # the same anatomy stored from superior to inferior
+        v = v[::-1].copy()
+        A[:3, 3] = A[:3, 0] * (z - 1)
+        A[:3, 0] = -A[:3, 0]
+    out = report_orientation(v, A)
+    coronal = out[:, h // 2, :]
+    assert (coronal[0] % 2 == 1).all() and (coronal[1:] % 2 == 0).all()  # superior slice on the top row
+    axial = out[z // 2]
+    assert (axial[0] // 2 % 2 == 1).all() and (axial[1:] // 2 % 2 == 0).all()  # anterior at the top
+    assert (axial[:, 0] >= 4).all() and (axial[:, 1:] < 4).all()  # the patient's right on the left

@@ -76,6 +76,15 @@ def test_uids_are_reproducible_and_depend_on_seed_and_content(ct_series, tmp_pat
     assert uids["a"][0][0] != uids["c"][0][0] and uids["a"][0][0] != uids["d"][0][0]
 
 
+def test_a_second_derived_series_takes_another_series_number(ct_series, tmp_path):
+    """The uncertainty map of a run is a second series from the same source: viewers must list it apart."""
+    src_folder, vol = ct_series
+    src_number = int(pydicom.dcmread(next(src_folder.iterdir())).SeriesNumber)
+    main = {int(ds.SeriesNumber) for ds in _datasets(write_volume(vol, tmp_path / "main"))}
+    std = {int(ds.SeriesNumber) for ds in _datasets(write_volume(vol, tmp_path / "std", series_base=2000))}
+    assert main == {1000 + src_number} and std == {2000 + src_number}
+
+
 def test_written_ct_series_passes_dciodvfy_and_matches_dcm2niix(ct_series, dciodvfy, dcm2niix, same_grid, tmp_path):
     source, vol = ct_series
     out = write_volume(vol, tmp_path / "ct_out", description="d3ip convert")

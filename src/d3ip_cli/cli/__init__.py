@@ -87,6 +87,8 @@ def main(argv: list[str] | None = None) -> None:
     Command-line parse errors (an unknown option, a value of the wrong type, a missing
     argument) become one ``error:`` line on stderr naming the fix, exit 2, as every other
     usage error; help and the commands themselves behave as under Typer's own runner.
+    ``--debug`` (tracebacks of failures) is taken from anywhere on the line, so it works
+    after every command, not only those that list it.
     """
     import sys
 
@@ -94,8 +96,13 @@ def main(argv: list[str] | None = None) -> None:
 
     click_error, abort = _click_error_types()
     _sigterm_interrupts()
+    args = list(sys.argv[1:] if argv is None else argv)
+    head = args[:args.index("--")] if "--" in args else args
+    if "--debug" in head:  # accepted anywhere on the line, before or after the command
+        _common.STATE["debug"] = True
+        args = [a for a in head if a != "--debug"] + args[len(head):]
     try:
-        code = app(args=argv, prog_name="d3ip", standalone_mode=False)
+        code = app(args=args, prog_name="d3ip", standalone_mode=False)
     except click_error as exc:
         message = exc.format_message().strip()
         if message:  # (none when the help was shown because no command was given)

@@ -65,7 +65,7 @@ def register(app: typer.Typer) -> None:
         overwrite: OverwriteOpt = False,
         debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks of failures.")] = False,
     ) -> None:
-        """Benchmark reconstruction methods on simulated undersampled scans (DESIGN §8).
+        """Benchmark reconstruction methods on simulated undersampled scans (suites in the README, "Results").
 
         Runs cases (task x volume: 3D phantoms in distribution, the bundled real-anatomy example
         and any --data volume out of distribution) x methods with fixed seeds, tuning the weights

@@ -201,6 +201,6 @@ def register(app: typer.Typer) -> None:
         summary = f"wrote {path} ({record['method']}, {record['task']}, {record['wall_time_s']:.1f} s)"
         if m and m.get("psnr") is not None:
             summary += f"  PSNR {m['psnr']:.2f} dB  SSIM {m['ssim']:.4f}" if m.get("ssim") is not None else ""
-        log(summary)
-        for w in record["warnings"]:
+        for w in record["warnings"]:  # before the summary, so the last line says what was written
             warn(w)
+        log(summary)

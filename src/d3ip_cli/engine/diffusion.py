@@ -677,6 +677,8 @@ def run_registered(name: str, op: LinearOperator, y: torch.Tensor, x_init: torch
         lora.save_adapter(ctx.params["save_adapter"], _adapter_carrier(model, s, last.adapter),
                           {"architecture": meta["architecture"], "prior_sha256": meta.get("sha256"), "method": name,
                            "settings": s.to_dict()})
+        if ctx.record is not None:
+            ctx.record.add_output(ctx.params["save_adapter"], role="adapter")
     if len(images) == 1:
         return images[0]
     stack = torch.stack([im.abs() if im.is_complex() else im for im in images], 0)

@@ -525,7 +525,8 @@ def write_result(result: ReconResult, output: str | os.PathLike, *, overwrite: b
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", D3ipWarning)
                 write_volume(result.std, spath, format=format, overwrite=overwrite,
-                             description=result.std.meta.get("description"), uid_seed=uid_seed + "|std")
+                             description=result.std.meta.get("description"), uid_seed=uid_seed + "|std",
+                             series_base=2000)
             written.append(Path(spath))
     except BaseException:
         for w in written:
@@ -560,6 +561,17 @@ def write_record(record: Any, output: str | os.PathLike) -> Path:
     return write_json(sidecar_path(output), record.finish(), overwrite=True)
 
 
+def report_orientation(data: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """``data [Z, H, W]`` reordered for viewing: in-plane in the scanners' display convention
+    (:func:`~d3ip_cli.io.dicom.display_oriented`: anterior at the top, the patient's left on
+    the right) and slices from superior to inferior, so that coronal and sagittal cuts show
+    the head at the top whatever order the file stored them in."""
+    from d3ip_cli.io.dicom import display_oriented
+
+    out, A = display_oriented(np.asarray(data, np.float32), np.asarray(affine, float))
+    return np.ascontiguousarray(out[::-1]) if A[2, 0] > 0 else out  # index grows towards superior (RAS z)
+
+
 def write_report(result: ReconResult, path: str | os.PathLike, *, overwrite: bool = True) -> Path:
     """A PNG with axial, coronal and sagittal central views of the initial estimate, the
     reconstruction, the reference and the error (when there is a reference)."""
@@ -569,16 +581,26 @@ def write_report(result: ReconResult, path: str | os.PathLike, *, overwrite: boo
     import matplotlib.pyplot as plt
 
     from d3ip_cli.io.atomic import atomic_output
+    from d3ip_cli.io.dicom import display_oriented
 
-    rows = [("initial", result.initial.data), ("reconstruction", result.volume.data)]
+    # drawn as radiologists look at them, whatever the storage order: in-plane in the
+    # scanners' display convention (anterior up, the patient's left on the right), and in
+    # the through-plane views superior at the top
+    affine = np.asarray(result.volume.affine, float)
+    A = display_oriented(np.zeros((1, 1, 1), np.float32), affine)[1]
+
+    def shown(v: np.ndarray) -> np.ndarray:
+        return report_orientation(v, affine)
+
+    rows = [("initial", shown(result.initial.data)), ("reconstruction", shown(result.volume.data))]
     ref = result.problem.reference
     if ref is not None:
-        rows += [("reference", ref), ("error", result.volume.data - ref)]
+        rows += [("reference", shown(ref)), ("error", shown(result.volume.data - ref))]
     lo, hi = np.percentile(ref if ref is not None else result.volume.data, [0.5, 99.5])
     err_scale = max(float(hi - lo) * 0.25, 1e-6)
     # through-plane views only when there is a through-plane extent; pixels drawn at their
     # physical aspect (slice spacing against in-plane spacing)
-    sz, sh, sw = (float(v) or 1.0 for v in result.volume.spacing)
+    sz, sh, sw = (float(np.linalg.norm(A[:3, k])) or 1.0 for k in range(3))
     views_of = (("axial", lambda v: v[v.shape[0] // 2], sh / sw),
                 ("coronal", lambda v: v[:, v.shape[1] // 2, :], sz / sw),
                 ("sagittal", lambda v: v[:, :, v.shape[2] // 2], sz / sh))
@@ -609,4 +631,4 @@ def write_report(result: ReconResult, path: str | os.PathLike, *, overwrite: boo
 
 __all__ = ["Problem", "ReconResult", "select_slab", "resample_inplane", "prepare_volume", "simulate_measurement",
            "problem_from_volume", "problem_from_measurement", "load_problem", "run_method", "to_volume",
-           "reconstruct", "default_output_path", "write_result", "write_record", "write_report"]
+           "reconstruct", "default_output_path", "write_result", "write_record", "write_report", "report_orientation"]

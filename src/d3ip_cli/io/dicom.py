@@ -748,7 +748,7 @@ def display_oriented(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, 
 
 
 def write_dicom_series(volume: Volume, path: str | os.PathLike, *, overwrite: bool = False,
-                       description: str | None = None, uid_seed: str = "") -> Path:
+                       description: str | None = None, uid_seed: str = "", series_base: int = 1000) -> Path:
     """Write ``volume`` as a derived DICOM series: one classic CT/MR Image Storage file per slice.
 
     Files are ``IM00001.dcm`` ... in a directory created atomically. Modality CT gives
@@ -796,7 +796,7 @@ def write_dicom_series(volume: Volume, path: str | os.PathLike, *, overwrite: bo
     sop_class = CT_IMAGE_STORAGE if modality == "CT" else MR_IMAGE_STORAGE
     desc = series_description(description)
     src_number = _int(src.get("SeriesNumber"))
-    series_number = 1000 + (src_number or 0)
+    series_number = series_base + (src_number or 0)
 
     def base() -> Dataset:
         ds = Dataset()

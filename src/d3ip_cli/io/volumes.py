@@ -208,7 +208,8 @@ def finalize_volume(vol: "Volume", path: Path, fmt: str) -> "Volume":
 
 
 def write_volume(volume: "Volume", path: str | os.PathLike, *, format: str | None = None,
-                 overwrite: bool = False, description: str | None = None, uid_seed: str = "") -> Path:
+                 overwrite: bool = False, description: str | None = None, uid_seed: str = "",
+                 series_base: int = 1000) -> Path:
     """Write ``volume`` atomically as NIfTI, NumPy or a derived DICOM series; return the path.
 
     Parameters
@@ -222,13 +223,17 @@ def write_volume(volume: "Volume", path: str | os.PathLike, *, format: str | Non
     uid_seed : a string that identifies the inputs and settings (for example input hash +
         configuration); DICOM UIDs are derived from it and the written content, so the
         same run writes the same UIDs.
+    series_base : the DICOM SeriesNumber is ``series_base`` + the source's series number
+        (a second series derived from the same source, such as an uncertainty map, takes
+        another base so that viewers list the two apart).
     """
     fmt = output_format(path, format)
     p = Path(path)
     if fmt == "dicom":
         from d3ip_cli.io import dicom
 
-        return dicom.write_dicom_series(volume, p, overwrite=overwrite, description=description, uid_seed=uid_seed)
+        return dicom.write_dicom_series(volume, p, overwrite=overwrite, description=description, uid_seed=uid_seed,
+                                        series_base=series_base)
     if fmt == "nifti":
         from d3ip_cli.io import nifti
 
