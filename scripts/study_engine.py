@@ -78,7 +78,7 @@ def trajectory(model: torch.nn.Module, problem, x_init: torch.Tensor, s, seed: i
         return 10 * float(np.log10(rng**2 / float(((img - ref) ** 2).mean())))
 
     abar = schedule.alphas_cumprod()
-    ts = schedule.ddim_timesteps(s.steps)
+    ts = schedule.ddim_timesteps(s.steps, t_start=s.t_start)
     gen = torch.Generator().manual_seed(seed)
     x = diffuse(smap.to_state(x_init), ts[0], abar, gen)
 

@@ -211,7 +211,7 @@ def test_sigterm_without_checkpoints_exits_130_and_leaves_nothing(prior, volume,
     """A scheduler's SIGTERM stops a run as Ctrl-C does: one line, exit 130, no output."""
     out = tmp_path / "out.npy"
     p = _d3ip("reconstruct", volume, "--task", "sparse-view", "--views", "16", "--prior", prior, "--method", "dds",
-              "--steps", "1000", "--device", "cpu", "-o", out)
+              "--steps", "1000", "--t-start", "1000", "--device", "cpu", "-o", out)
     first = p.stderr.readline()  # the first progress line: sampling has begun (100 of 1000 steps)
     assert first.startswith("dds: "), first
     os.kill(p.pid, signal.SIGTERM)

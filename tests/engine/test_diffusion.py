@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from d3ip_cli.core.errors import InputDataError, Interrupted
+from d3ip_cli.core.errors import InputDataError, Interrupted, UsageError
 from d3ip_cli.engine.checkpointing import Checkpointer, run_key
 from d3ip_cli.engine.diffusion import DIFFUSION_METHODS, reconstruct, settings_for
 
@@ -165,3 +165,7 @@ def test_presets_resolve_per_modality_and_explicit_options_win():
     assert settings_for("d3ip", "fast", "MR", adapt_iters=7).adapt_iters == 7
     assert settings_for("dds", "fast", "CT").adapt_iters == 0
     assert settings_for("d3ip-mbir", "fast", "MR").dc == "admm-tv-z"
+    assert settings_for("dds", "standard", "CT").t_start == 1000  # the paper's: from pure noise
+    assert (settings_for("d3ip", "fast", "CT").t_start, settings_for("d3ip", "fast", "MR").t_start) == (60, 250)
+    with pytest.raises(UsageError, match="--t-start"):
+        settings_for("dds", "fast", "CT", t_start=10)  # fewer training steps than sampling steps

@@ -16,10 +16,10 @@ def gaussian_eps(mu: float, sigma: float, abar: torch.Tensor):
     return eps
 
 
-def _run(eta, steps, mu=0.3, sigma=0.5, n=20000):
+def _run(eta, steps, mu=0.3, sigma=0.5, n=20000, t_start=None):
     abar = schedule.alphas_cumprod()
     g = torch.Generator().manual_seed(0)
-    ts = schedule.ddim_timesteps(steps)
+    ts = schedule.ddim_timesteps(steps, t_start=t_start)
     a0 = float(abar[ts[0]])
     x = a0**0.5 * mu + (a0 * sigma**2 + 1 - a0) ** 0.5 * torch.randn(n, 1, 1, 1, generator=g, dtype=torch.float64)
     return ddim_sample(gaussian_eps(mu, sigma, abar), x, ts, abar, eta=eta, generator=g)
@@ -28,6 +28,23 @@ def _run(eta, steps, mu=0.3, sigma=0.5, n=20000):
 def test_gaussian_prior_mean_and_variance_ode():
     """η = 0 (probability-flow ODE) reproduces the prior's mean and variance."""
     out = _run(0.0, 250)
+    assert abs(float(out.mean()) - 0.3) < 0.01
+    assert abs(float(out.std()) - 0.5) < 0.01
+
+
+def test_truncated_trajectory_starts_lower_and_still_reproduces_the_prior():
+    """``t_start`` spreads the steps over [0, t_start): started from the marginal at that
+    step, the ODE still lands on the prior's mean and variance."""
+    assert schedule.ddim_timesteps(20) == list(range(950, -1, -50))
+    assert schedule.ddim_timesteps(20, t_start=60) == list(range(57, -1, -3))
+    assert schedule.ddim_timesteps(5, t_start=1000) == schedule.ddim_timesteps(5)
+    for bad in (0, 1001):
+        try:
+            schedule.ddim_timesteps(5, t_start=bad)
+        except ValueError:
+            continue
+        raise AssertionError(f"t_start={bad} accepted")
+    out = _run(0.0, 100, t_start=300)
     assert abs(float(out.mean()) - 0.3) < 0.01
     assert abs(float(out.std()) - 0.5) < 0.01
 

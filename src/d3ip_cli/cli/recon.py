@@ -82,6 +82,7 @@ def register(app: typer.Typer) -> None:
         frame: FrameOpt = None,
         weight: Annotated[Optional[float], typer.Option("--weight", help="Regularisation weight (tv, l1-wavelet).")] = None,
         steps: Annotated[Optional[int], typer.Option("--steps", help="Diffusion: DDIM steps T (preset: fast 20, standard 50).", rich_help_panel="Diffusion engine")] = None,
+        t_start: Annotated[Optional[int], typer.Option("--t-start", help="Diffusion: start the DDIM trajectory at this of the 1000 training steps, from the diffused initial estimate (1000 = from noise).", rich_help_panel="Diffusion engine")] = None,
         eta: Annotated[Optional[float], typer.Option("--eta", help="Diffusion: DDIM stochasticity η (default 0.85; 0 = ODE).", rich_help_panel="Diffusion engine")] = None,
         adapt_iters: Annotated[Optional[int], typer.Option("--adapt-iters", help="Adaptation: AdamW steps K per sampling step.", rich_help_panel="Diffusion engine")] = None,
         adapt_batch: Annotated[Optional[int], typer.Option("--adapt-batch", help="Adaptation: slices M per minibatch.", rich_help_panel="Diffusion engine")] = None,
@@ -124,7 +125,7 @@ def register(app: typer.Typer) -> None:
             task=task, views=views, arc=arc, acceleration=acceleration, mask=mask, center_fraction=center_fraction,
             coils=coils, backend=backend, slices=slices, grid=grid, noise=noise, i0=i0, sigma=sigma, method=method,
             prior=prior, preset=preset, seed=seed, samples=samples, weight=weight, format=format, series=series,
-            frame=frame, checkpoint_dir=checkpoint_dir, resume=resume, steps=steps, eta=eta, adapt_iters=adapt_iters,
+            frame=frame, checkpoint_dir=checkpoint_dir, resume=resume, steps=steps, t_start=t_start, eta=eta, adapt_iters=adapt_iters,
             adapt_batch=adapt_batch, lr=lr, lora_rank=lora_rank, train_bias=train_bias, cg_iter=cg_iter, gamma=gamma,
             checkpoint_every=checkpoint_every, adapter=adapter, save_adapter=save_adapter, precision=precision)
         from d3ip_cli.engine import distributed

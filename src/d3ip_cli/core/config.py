@@ -129,6 +129,7 @@ class ReconConfig(TaskOptions, NoiseOptions):
     resume: bool = False
     # diffusion engine settings (None: the preset's value); see d3ip_cli.engine.diffusion
     steps: Optional[int] = Field(None, ge=1, le=1000)
+    t_start: Optional[int] = Field(None, ge=1, le=1000)
     eta: Optional[float] = Field(None, ge=0, le=1)
     adapt_iters: Optional[int] = Field(None, ge=0)
     adapt_batch: Optional[int] = Field(None, ge=1)
@@ -142,7 +143,7 @@ class ReconConfig(TaskOptions, NoiseOptions):
     save_adapter: Optional[str] = None
     precision: Optional[Literal["fp32", "bf16", "auto"]] = None
 
-    ENGINE_FIELDS: ClassVar[tuple[str, ...]] = ("steps", "eta", "adapt_iters", "adapt_batch", "lr", "lora_rank",
+    ENGINE_FIELDS: ClassVar[tuple[str, ...]] = ("steps", "t_start", "eta", "adapt_iters", "adapt_batch", "lr", "lora_rank",
                                                 "train_bias", "cg_iter", "gamma", "checkpoint_every", "adapter",
                                                 "save_adapter", "precision")
 

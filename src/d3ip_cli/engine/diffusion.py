@@ -54,6 +54,7 @@ class DiffusionSettings:
     """Sampler, data-consistency and adaptation settings (see :data:`PRESETS`)."""
 
     steps: int = 50
+    t_start: int = 1000  # steps spread over [0, t_start); < 1000 starts from the diffused initial estimate (CCDF)
     eta: float = 0.85
     dc: str = "cg"  # cg | prox | admm-tv-z
     cg_iter: int = 5
@@ -82,6 +83,8 @@ class DiffusionSettings:
     def validate(self) -> "DiffusionSettings":
         if not 1 <= self.steps <= 1000:
             raise UsageError(f"--steps must be in [1, 1000], got {self.steps}")
+        if not 1 <= self.t_start <= 1000 or self.steps > self.t_start:
+            raise UsageError(f"--t-start must be in [--steps, 1000], got {self.t_start} (steps {self.steps})")
         if not 0.0 <= self.eta <= 1.0:
             raise UsageError(f"--eta must be in [0, 1], got {self.eta}")
         if self.dc not in ("cg", "prox", "admm-tv-z"):
@@ -97,9 +100,10 @@ class DiffusionSettings:
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # a CPU user's settings: few steps, short adaptation (K = 6 for CT, 3 for MRI: see PRESET_MODALITY)
-    "fast": {"steps": 20, "adapt_iters": 6, "adapt_batch": 2, "cg_iter": 5, "meta_outer": 8, "meta_inner": 2,
-             "precision": "auto"},
+    # a CPU user's settings: few steps on a truncated trajectory (t_start 60 for CT, 250 for MRI), short
+    # adaptation (K = 6 for CT, 3 for MRI): see PRESET_MODALITY
+    "fast": {"steps": 20, "t_start": 60, "adapt_iters": 6, "adapt_batch": 2, "cg_iter": 5, "meta_outer": 8,
+             "meta_inner": 2, "precision": "auto"},
     # the paper's settings (DDS/D3IP): 50 steps, K = 10, M = 3, 5 CG iterations
     "standard": {"steps": 50, "adapt_iters": 10, "adapt_batch": 3, "cg_iter": 5},
     # the paper's settings plus the reference's bias training (GPU)
@@ -116,8 +120,15 @@ MODALITY_DEFAULTS: dict[str, dict[str, Any]] = {
 # docs/engine_study.md §5), K = 3 -> 6 adds +0.4 dB to d3ip on 30-view CT but +0.08 dB on
 # cs-mri x4, where each slice is two images (real, imaginary) and K = 6 would take 8 slices
 # to an estimated 110-116 s, too close to the fast preset's two minutes for 0.08 dB.
+#
+# The fast preset's 20 steps start at t_start (Come-Closer-Diffuse-Faster, Chung et al. 2022: the
+# initial estimate diffused to t_start, all steps at low noise) instead of pure noise. Chosen on
+# volumes outside the benchmarks (docs/engine_study.md §7: a held-out phantom, seed 107, and
+# Colin27): for CT, 60 gave dds +5.7 / +0.9 dB and d3ip +2.7 dB (Colin27) over the full
+# trajectory on 30-view CT, and +0.7 / +0.8 dB on limited-angle; for cs-mri x4 on Colin27, 250
+# gave d3ip +1.5 dB where 100 and 60 gave +0.3 / -0.4.
 PRESET_MODALITY: dict[tuple[str, str], dict[str, Any]] = {
-    ("fast", "MR"): {"adapt_iters": 3},
+    ("fast", "MR"): {"adapt_iters": 3, "t_start": 250},
 }
 
 METHOD_OVERRIDES: dict[str, dict[str, Any]] = {
@@ -136,7 +147,11 @@ def settings_for(method: str, preset: str = "fast", task_modality: str = "CT", *
     values.update(MODALITY_DEFAULTS.get(task_modality, {}))
     values.update(PRESET_MODALITY.get((preset, task_modality), {}))
     values.update(METHOD_OVERRIDES.get(method, {}))
-    values.update({k: v for k, v in overrides.items() if v is not None})
+    given = {k: v for k, v in overrides.items() if v is not None}
+    values.update(given)
+    if "t_start" not in given and values.get("steps", 50) > values.get("t_start", 1000):
+        raise UsageError(f"--steps {values['steps']} is more than the {preset} preset's --t-start {values['t_start']} "
+                         "(the steps are spread over [0, t_start)): give --t-start too (1000 = from pure noise)")
     return DiffusionSettings(**values).validate()
 
 
@@ -368,7 +383,7 @@ def reconstruct(
     lockstep = world_size > 1 and method in ("dds", "d3ip", "d3ip-mbir")
     init_state = lora.adapter_state(net) if params else None
     abar = schedule.alphas_cumprod().to(dev)
-    ts = schedule.ddim_timesteps(s.steps)
+    ts = schedule.ddim_timesteps(s.steps, t_start=s.t_start)
     z = op.in_shape[0]
     smap = StateMap(z, x_init.is_complex())
     stats: dict[str, Any] = {"nfe_sample": 0, "adapt_steps": 0, "nfe_adapt": 0}
@@ -475,7 +490,8 @@ def _reptile(net: torch.nn.Module, params: list[torch.nn.Parameter], op: LinearO
     for outer in range(s.meta_outer):
         theta = [p.detach().clone() for p in params]
         i = int(torch.randint(0, z, (1,), generator=generator, device=generator.device))
-        t = int(torch.randint(s.adapt_t_min, s.adapt_t_max + 1, (1,), generator=generator, device=generator.device))
+        t_hi = max(min(s.adapt_t_max, s.t_start - 1), s.adapt_t_min)  # the noise levels the sampler visits
+        t = int(torch.randint(s.adapt_t_min, t_hi + 1, (1,), generator=generator, device=generator.device))
         xt = diffuse(x_state, t, abar, generator)
         opt = torch.optim.AdamW(params, lr=s.lr)
         with torch.enable_grad():

@@ -30,12 +30,21 @@ def q_sample(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, abar: torch
     return a.sqrt() * x0 + (1 - a).sqrt() * noise
 
 
-def ddim_timesteps(num_sampling_steps: int, num_steps: int = NUM_STEPS) -> list[int]:
-    """Descending DDIM step indices, evenly spaced, ending at 0: e.g. 50 -> [980, 960, ..., 0]."""
-    if not 1 <= num_sampling_steps <= num_steps:
-        raise ValueError(f"sampling steps must be in [1, {num_steps}], got {num_sampling_steps}")
-    stride = num_steps // num_sampling_steps
-    return list(range(0, num_steps, stride))[:num_sampling_steps][::-1]
+def ddim_timesteps(num_sampling_steps: int, num_steps: int = NUM_STEPS, t_start: int | None = None) -> list[int]:
+    """Descending DDIM step indices, evenly spaced, ending at 0: e.g. 50 -> [980, 960, ..., 0].
+
+    ``t_start`` (default ``num_steps``) truncates the trajectory: the steps are spread over
+    ``[0, t_start)`` instead, so a sampler started from a diffused initial estimate spends
+    all its steps at low noise (Chung et al., "Come-Closer-Diffuse-Faster", CVPR 2022):
+    e.g. 20 steps with ``t_start=400`` -> [380, 360, ..., 0].
+    """
+    span = num_steps if t_start is None else int(t_start)
+    if not 1 <= span <= num_steps:
+        raise ValueError(f"t_start must be in [1, {num_steps}], got {t_start}")
+    if not 1 <= num_sampling_steps <= span:
+        raise ValueError(f"sampling steps must be in [1, {span}], got {num_sampling_steps}")
+    stride = span // num_sampling_steps
+    return list(range(0, span, stride))[:num_sampling_steps][::-1]
 
 
 def schedule_metadata() -> dict:
