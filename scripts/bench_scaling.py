@@ -19,6 +19,7 @@ evaluations and in forward-equivalents (an adaptation evaluation counted as
 Usage: python scripts/bench_scaling.py [--slices 8,16,32,64] [--size 64] [--methods d3ip,ddip]
                                        [--prior P] [--preset fast] [--task sparse-view] [--views 30]
                                        [--threads 1] [--json OUT.json] [--plot OUT.png]
+                                       [--set KEY=VALUE ...]
 """
 
 from __future__ import annotations
@@ -45,7 +46,12 @@ def run_one(method: str, n: int, args: argparse.Namespace) -> dict:
     vol = Volume(data=x, affine=np.eye(4), meta={"modality": "OT", "units": "a.u."})
     opts = {"views": args.views} if args.task == "sparse-view" else (
         {"arc": args.arc} if args.task == "limited-angle" else {"acceleration": args.acceleration})
-    cfg = ReconConfig(task=args.task, method=method, prior=args.prior, preset=args.preset, seed=args.seed, **opts)
+    engine_opts = {}
+    for item in args.set:  # KEY=VALUE engine settings, as in d3ip reconstruct --KEY VALUE
+        k, _, v = item.partition("=")
+        engine_opts[k.replace("-", "_")] = v
+    cfg = ReconConfig(task=args.task, method=method, prior=args.prior, preset=args.preset, seed=args.seed, **opts,
+                      **engine_opts)
     dev = torch.device(args.device)
     problem = engine.problem_from_volume(vol, cfg, device=dev)
     rec = RunRecord("bench_scaling")
@@ -86,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backward-cost", type=float, default=2.0, help="a backward pass in forward passes")
     ap.add_argument("--json", default=None, help="write the results here (JSON)")
     ap.add_argument("--plot", default=None, help="write a PNG of wall time against slices")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="an engine setting for every run, e.g. adapt_iters=12 (repeatable)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

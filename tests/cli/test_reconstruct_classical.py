@@ -327,6 +327,14 @@ def test_options_of_another_task_are_refused_not_ignored(cli, anatomy, tmp_path,
         assert not out.exists()
 
 
+@pytest.mark.parametrize("flag, value", [("--t-start", "100"), ("--steps", "10")])
+def test_diffusion_options_are_refused_by_classical_methods(cli, anatomy, tmp_path, flag, value):
+    r = cli(["reconstruct", anatomy, "--task", "sparse-view", "--method", "tv", flag, value, "--slices", "10:12",
+             "-o", tmp_path / "o.npy"])
+    assert r.exit_code == 2 and f"{flag} does not apply to method tv" in r.stderr, r.output
+    assert not (tmp_path / "o.npy").exists()
+
+
 def test_options_of_the_task_are_accepted(cli, anatomy, tmp_path):
     _run(cli, [anatomy, "--task", "sparse-view", "--views", "20", "--noise", "poisson", "--i0", "1e5",
                "--method", "fbp", "--slices", "10:12", "-o", tmp_path / "sv.npy"])

@@ -167,5 +167,36 @@ def test_presets_resolve_per_modality_and_explicit_options_win():
     assert settings_for("d3ip-mbir", "fast", "MR").dc == "admm-tv-z"
     assert settings_for("dds", "standard", "CT").t_start == 1000  # the paper's: from pure noise
     assert (settings_for("d3ip", "fast", "CT").t_start, settings_for("d3ip", "fast", "MR").t_start) == (60, 250)
+    assert settings_for("d3ip", "fast", "CT").lr == 3e-3 and settings_for("d3ip", "standard", "CT").lr == 1e-3
     with pytest.raises(UsageError, match="--t-start"):
         settings_for("dds", "fast", "CT", t_start=10)  # fewer training steps than sampling steps
+    with pytest.raises(UsageError, match="give --t-start too"):
+        settings_for("dds", "fast", "CT", steps=100)  # more steps than the preset's t_start
+    assert settings_for("dds", "fast", "CT", steps=100, t_start=1000).steps == 100
+    with pytest.raises(UsageError, match="would run as dds"):
+        settings_for("d3ip", "fast", "CT", steps=20, t_start=20)  # no step at t >= 20: no adaptation
+    assert settings_for("dds", "fast", "CT", steps=20, t_start=20).t_start == 20  # dds does not adapt
+
+
+@pytest.mark.parametrize("method", ["dds", "d3ip", "d3ip-meta"])
+def test_the_sampler_runs_on_the_truncated_trajectory(method, tiny_prior, ct_case, monkeypatch):
+    """With t_start the network only ever sees the steps below it (sampling, adaptation, Reptile)."""
+    from d3ip_cli.engine import diffusion
+
+    _, model, _ = tiny_prior
+    x, op, y, x0 = ct_case
+    seen: list[int] = []
+    real_loss = diffusion.adaptation_loss
+
+    def loss(net, op_, y_, smap, xt, idx, t, *args):
+        seen.append(int(t))
+        return real_loss(net, op_, y_, smap, xt, idx, t, *args)
+
+    monkeypatch.setattr(diffusion, "adaptation_loss", loss)
+    s = settings_for(method, "fast", "CT", steps=4, t_start=120, adapt_iters=1, meta_outer=3, meta_inner=1)
+    steps: list[int] = []
+    diffusion.reconstruct(method, model, op, y, x0, s, generator=torch.Generator().manual_seed(0),
+                          progress=lambda info: steps.append(int(info["t"])) if "t" in info else None)
+    assert steps[:4] == [90, 60, 30, 0]  # evenly spread over [0, 120), not [0, 1000)
+    if method != "dds":
+        assert seen and all(20 <= t <= 90 for t in seen), seen
