@@ -84,6 +84,22 @@ def test_simulate_then_reconstruct_with_reference_and_report(cli, anatomy, tmp_p
     assert doc["output"].endswith("k_tv_cs-mri.nii.gz")
 
 
+def test_the_whole_source_volume_serves_as_reference_of_a_simulated_slab(cli, anatomy, tmp_path):
+    """`simulate --slices --grid` records its cut; `reconstruct MEAS --reference SOURCE` applies it
+    (and a further --slices), where it used to refuse the shapes as different."""
+    meas = tmp_path / "k.h5"
+    assert cli(["simulate", anatomy, "-o", meas, "--task", "cs-mri", "--slices", "4:8", "--grid", "32"]).exit_code == 0
+    doc = _run(cli, [meas, "--method", "zero-filled", "--reference", anatomy, "-o", tmp_path / "a.nii.gz"])
+    assert doc["metrics"]["psnr"] > 17
+    sub = _run(cli, [meas, "--method", "zero-filled", "--reference", anatomy, "--slices", "1:3",
+                     "-o", tmp_path / "b.nii.gz"])
+    assert sub["metrics"]["psnr"] > 17 and read_volume(tmp_path / "b.nii.gz").shape[0] == 2
+    other = tmp_path / "other.npy"
+    np.save(other, read_volume(anatomy).data[:3])  # neither the slab nor the source: still refused
+    r = cli(["reconstruct", meas, "--method", "zero-filled", "--reference", other, "-o", tmp_path / "c.nii.gz"])
+    assert r.exit_code == 3 and "--reference" in r.stderr and not (tmp_path / "c.nii.gz").exists()
+
+
 def test_fastmri_style_file(cli, anatomy, tmp_path):
     from d3ip_cli.physics.mri import fft2c
     import torch

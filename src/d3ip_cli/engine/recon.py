@@ -206,6 +206,9 @@ def simulate_measurement(vol: Volume, task_opts: TaskOptions, noise_opts: NoiseO
         grid={"shape": list(vol.shape), "affine": vol.affine.tolist()},
         provenance={"tool": "d3ip", "version": __version__, "command": "simulate", "argv": argv,
                     "source": source, "seed": seed, "noise": noise, "retrospective": True,
+                    # the slab and grid taken from the source: a --reference of the whole source
+                    # volume is cut the same way when this measurement is reconstructed
+                    "slices": getattr(task_opts, "slices", None), "grid": getattr(task_opts, "grid", None),
                     "note": "simulated from an image volume (a retrospective study)"},
         meta=_json_meta(vol.meta))
     return meas, op, x_ref
@@ -315,16 +318,31 @@ def load_problem(input_path: str | os.PathLike, cfg: ReconConfig, *, device: tor
         raise InputDataError(f"{p} does not exist")
     if is_measurement_path(p):
         meas = read_measurement(p, frame=cfg.frame)
-        z_full = meas.data.shape[0]
+        full_shape, full_affine = tuple(meas.image_shape), meas.affine
+        z_full = full_shape[0]
+        ref = None
+        if reference_path is not None:
+            ref = prepare_volume(reference_path)
+            prov = meas.provenance or {}
+            if ref.shape != full_shape and (prov.get("slices") or prov.get("grid")):
+                # the whole volume the data were simulated from: cut it as `d3ip simulate` did
+                cut = " ".join(f"--{k} {prov[k]}" for k in ("slices", "grid") if prov.get(k))
+                try:
+                    ref = prepare_volume(reference_path, slices=prov.get("slices"), grid=prov.get("grid"))
+                except UsageError:
+                    raise InputDataError(f"--reference has shape {list(ref.shape)}: neither the measurement's grid "
+                                         f"{list(full_shape)} nor a volume it was simulated from ({cut})") from None
+                if ref.shape == full_shape:
+                    from d3ip_cli.io.volumes import check_same_grid
+
+                    check_same_grid(Volume(np.zeros((1, 1, 1), np.float32), affine=full_affine), ref,
+                                    what="--reference")
         if cfg.slices:
             start, stop = parse_slices(cfg.slices)  # type: ignore[misc]
             if (start or 0) >= z_full or (stop is not None and stop > z_full):
                 raise UsageError(f"--slices {cfg.slices}: the measurement has {z_full} slice(s)")
             meas = meas.select_slices(slice(start, stop))
-        ref = None
-        if reference_path is not None:
-            ref = prepare_volume(reference_path)
-            if cfg.slices and ref.shape[0] == z_full:
+            if ref is not None and ref.shape[0] == z_full:
                 ref = select_slab(ref, cfg.slices)
         return problem_from_measurement(meas, cfg, device=device, reference=ref, progress=progress)
     if cfg.task is None:
