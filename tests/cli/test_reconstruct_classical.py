@@ -94,6 +94,20 @@ def test_the_whole_source_volume_serves_as_reference_of_a_simulated_slab(cli, an
     sub = _run(cli, [meas, "--method", "zero-filled", "--reference", anatomy, "--slices", "1:3",
                      "-o", tmp_path / "b.nii.gz"])
     assert sub["metrics"]["psnr"] > 17 and read_volume(tmp_path / "b.nii.gz").shape[0] == 2
+    from d3ip_cli.io.volumes import write_volume
+
+    slab = read_volume(anatomy)
+    slab = slab.replace(data=slab.data[4:8], affine=slab.affine.copy())
+    slab.affine[:3, 3] += slab.affine[:3, 0] * 4  # the slab's true position
+    assert cli(["simulate", anatomy, "-o", tmp_path / "k2.h5", "--task", "cs-mri", "--slices", "4:8"]).exit_code == 0
+    right = write_volume(slab, tmp_path / "right.nii.gz")
+    assert _run(cli, [tmp_path / "k2.h5", "--method", "zero-filled", "--reference", right,
+                      "-o", tmp_path / "r1.nii.gz"])["metrics"]["psnr"] > 17
+    moved = slab.replace(affine=slab.affine.copy())
+    moved.affine[:3, 3] += 20.0  # the same array 20 mm away: the metrics would be meaningless
+    moved = write_volume(moved, tmp_path / "moved.nii.gz")
+    r = cli(["reconstruct", tmp_path / "k2.h5", "--method", "zero-filled", "--reference", moved, "-o", tmp_path / "r2.nii.gz"])
+    assert r.exit_code == 3 and "another grid in space" in r.stderr and not (tmp_path / "r2.nii.gz").exists()
     other = tmp_path / "other.npy"
     np.save(other, read_volume(anatomy).data[:3])  # neither the slab nor the source: still refused
     r = cli(["reconstruct", meas, "--method", "zero-filled", "--reference", other, "-o", tmp_path / "c.nii.gz"])

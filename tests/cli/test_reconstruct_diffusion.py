@@ -237,6 +237,10 @@ def test_adapter_options_are_checked_before_any_work(cli, prior, volume, tmp_pat
     outputs = json.loads((tmp_path / "o3.npy.json").read_text())["outputs"]
     saved_entry = [o for o in outputs if o["role"] == "adapter"]  # the run record lists the saved adapter
     assert len(saved_entry) == 1 and saved_entry[0]["sha256"] == sha256_path(tmp_path / "no" / "dir" / "a.safetensors")
+    r = cli([*base, "--adapter", tmp_path / "no" / "dir" / "a.safetensors", "-o", tmp_path / "o3b.npy"])
+    assert r.exit_code == 0, r.output
+    inputs = json.loads((tmp_path / "o3b.npy.json").read_text())["inputs"]  # a reused adapter is an input
+    assert [i["sha256"] for i in inputs if i["role"] == "adapter"] == [saved_entry[0]["sha256"]]
     taken = tmp_path / "taken.safetensors"
     taken.write_bytes(b"keep")
     r = cli([*base, "--save-adapter", taken, "-o", tmp_path / "o4.npy"])

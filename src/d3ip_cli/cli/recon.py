@@ -182,6 +182,8 @@ def register(app: typer.Typer) -> None:
                             "acquisition")
         if reference is not None:
             record.add_input(reference, role="reference")
+        if cfg.adapter:
+            record.add_input(cfg.adapter, role="adapter")
         with progress_bar(cfg.method, disable=rank != 0) as cb:
             result = engine.reconstruct(input, cfg, device=dev, record=record, progress=cb, reference_path=reference)
         if rank != 0:  # rank 0 gathered the slices and writes

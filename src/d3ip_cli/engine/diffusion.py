@@ -309,6 +309,7 @@ def make_adapt_hook(model: torch.nn.Module, params: list[torch.nn.Parameter], op
                 opt.step()
         if stats is not None:
             stats["adapt_loss"] = float(loss.detach())
+            stats["adapted_t"] = int(t)  # progress shows the loss only at steps that adapted
             stats["adapt_steps"] = stats.get("adapt_steps", 0) + k
             stats["nfe_adapt"] = stats.get("nfe_adapt", 0) + k * len(smap.rows(idx))
 
@@ -437,7 +438,8 @@ def reconstruct(
             if progress is not None:
                 res = float(torch.linalg.vector_norm(sub_op.A(sm.to_image(info["x0_dc"])) - y_sub)) / y_norm
                 progress({"stage": label, "step": info["i"] + 1, "steps": len(ts), "t": info["t"],
-                          "adapt_loss": stats.get("adapt_loss"), "residual": res})
+                          "adapt_loss": stats.get("adapt_loss") if stats.get("adapted_t") == info["t"] else None,
+                          "residual": res})
             if checkpointer is not None and resumable and info["i"] + 1 < len(ts):
                 state = snapshot({"x": info["x"]})
                 meta = {"stage": "sample", "step": info["i"], "stats": dict(stats), "chunk": chunk}
@@ -683,7 +685,7 @@ def run_registered(name: str, op: LinearOperator, y: torch.Tensor, x_init: torch
         ctx.record["prior_info"] = {"steps": meta.get("steps"), "images_seen": meta.get("images_seen"),
                                     "resolution": meta.get("resolution"), "preset": meta.get("preset"),
                                     "images_seen_total": meta.get("images_seen_total", meta.get("images_seen"))}
-        ctx.record["engine"] = {"settings": s.to_dict(), "memory": mp.to_dict(), "stats": last.stats if last else {},
+        ctx.record["engine"] = {"preset": ctx.preset or "fast", "settings": s.to_dict(), "memory": mp.to_dict(), "stats": last.stats if last else {},
                                 "samples": len(images), "world_size": world_size}
         if dev.type == "cuda":
             ctx.record["peak_device_memory_mb"] = round(torch.cuda.max_memory_allocated(dev) / 2**20, 1)

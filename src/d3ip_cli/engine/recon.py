@@ -322,9 +322,13 @@ def load_problem(input_path: str | os.PathLike, cfg: ReconConfig, *, device: tor
         z_full = full_shape[0]
         ref = None
         if reference_path is not None:
+            from d3ip_cli.io.volumes import check_same_grid
+
             ref = prepare_volume(reference_path)
             prov = meas.provenance or {}
-            if ref.shape != full_shape and (prov.get("slices") or prov.get("grid")):
+            if ref.shape == full_shape and "affine" in (meas.grid or {}):  # a file that records where its grid is
+                check_same_grid(Volume(np.zeros((1, 1, 1), np.float32), affine=full_affine), ref, what="--reference")
+            elif ref.shape != full_shape and (prov.get("slices") or prov.get("grid")):
                 # the whole volume the data were simulated from: cut it as `d3ip simulate` did
                 cut = " ".join(f"--{k} {prov[k]}" for k in ("slices", "grid") if prov.get(k))
                 try:
@@ -333,8 +337,6 @@ def load_problem(input_path: str | os.PathLike, cfg: ReconConfig, *, device: tor
                     raise InputDataError(f"--reference has shape {list(ref.shape)}: neither the measurement's grid "
                                          f"{list(full_shape)} nor a volume it was simulated from ({cut})") from None
                 if ref.shape == full_shape:
-                    from d3ip_cli.io.volumes import check_same_grid
-
                     check_same_grid(Volume(np.zeros((1, 1, 1), np.float32), affine=full_affine), ref,
                                     what="--reference")
         if cfg.slices:
@@ -452,6 +454,8 @@ def reconstruct(input_path: str | os.PathLike, cfg: ReconConfig, *, device: torc
         s_out = problem.scale.denormalise(s_norm) - problem.scale.denormalise(np.zeros_like(s_norm))
         std = out.replace(data=np.ascontiguousarray(np.abs(s_out), dtype=np.float32))
         std.meta["description"] = f"d3ip {cfg.method} posterior std {problem.task}"
+        if isinstance(std.meta.get("dicom"), dict):  # the source's display window suits the image, not its std
+            std.meta["dicom"] = {k: v for k, v in std.meta["dicom"].items() if k not in ("WindowCenter", "WindowWidth")}
         if problem.from_file and cfg.grid:
             std = std.replace(data=resample_inplane(std.data, problem.affine, int(cfg.grid))[0], affine=out.affine)
     metrics = None
