@@ -498,10 +498,10 @@ def _reptile(net: torch.nn.Module, params: list[torch.nn.Parameter], op: LinearO
 
     z = op.in_shape[0]
     x_state = smap.to_state(x_init)
+    t_hi = min(s.adapt_t_max, schedule.ddim_timesteps(s.steps, t_start=s.t_start)[0])  # levels the sampler visits
     for outer in range(s.meta_outer):
         theta = [p.detach().clone() for p in params]
         i = int(torch.randint(0, z, (1,), generator=generator, device=generator.device))
-        t_hi = min(s.adapt_t_max, schedule.ddim_timesteps(s.steps, t_start=s.t_start)[0])  # levels the sampler visits
         t = int(torch.randint(s.adapt_t_min, t_hi + 1, (1,), generator=generator, device=generator.device))
         xt = diffuse(x_state, t, abar, generator)
         opt = torch.optim.AdamW(params, lr=s.lr)

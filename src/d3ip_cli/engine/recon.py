@@ -26,6 +26,7 @@ Nothing here picks a device or an output path on its own (both arrive as argumen
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import warnings
@@ -326,9 +327,7 @@ def load_problem(input_path: str | os.PathLike, cfg: ReconConfig, *, device: tor
 
             ref = prepare_volume(reference_path)
             prov = meas.provenance or {}
-            if ref.shape == full_shape and "affine" in (meas.grid or {}):  # a file that records where its grid is
-                check_same_grid(Volume(np.zeros((1, 1, 1), np.float32), affine=full_affine), ref, what="--reference")
-            elif ref.shape != full_shape and (prov.get("slices") or prov.get("grid")):
+            if ref.shape != full_shape and (prov.get("slices") or prov.get("grid")):
                 # the whole volume the data were simulated from: cut it as `d3ip simulate` did
                 cut = " ".join(f"--{k} {prov[k]}" for k in ("slices", "grid") if prov.get(k))
                 try:
@@ -336,9 +335,8 @@ def load_problem(input_path: str | os.PathLike, cfg: ReconConfig, *, device: tor
                 except UsageError:
                     raise InputDataError(f"--reference has shape {list(ref.shape)}: neither the measurement's grid "
                                          f"{list(full_shape)} nor a volume it was simulated from ({cut})") from None
-                if ref.shape == full_shape:
-                    check_same_grid(Volume(np.zeros((1, 1, 1), np.float32), affine=full_affine), ref,
-                                    what="--reference")
+            if ref.shape == full_shape and "affine" in (meas.grid or {}):  # a file that records where its grid is
+                check_same_grid(Volume(np.zeros((1, 1, 1), np.float32), affine=full_affine), ref, what="--reference")
         if cfg.slices:
             start, stop = parse_slices(cfg.slices)  # type: ignore[misc]
             if (start or 0) >= z_full or (stop is not None and stop > z_full):
@@ -605,15 +603,11 @@ def write_report(result: ReconResult, path: str | os.PathLike, *, overwrite: boo
     from d3ip_cli.io.atomic import atomic_output
     from d3ip_cli.io.dicom import display_oriented
 
-    # drawn as radiologists look at them, whatever the storage order: in-plane in the
-    # scanners' display convention (anterior up, the patient's left on the right), and in
-    # the through-plane views superior at the top
+    # drawn as radiologists look at them, whatever the storage order (report_orientation);
+    # A: the affine of that display order, for the pixels' physical aspect
     affine = np.asarray(result.volume.affine, float)
     A = display_oriented(np.zeros((1, 1, 1), np.float32), affine)[1]
-
-    def shown(v: np.ndarray) -> np.ndarray:
-        return report_orientation(v, affine)
-
+    shown = functools.partial(report_orientation, affine=affine)
     rows = [("initial", shown(result.initial.data)), ("reconstruction", shown(result.volume.data))]
     ref = result.problem.reference
     if ref is not None:
