@@ -168,7 +168,7 @@ def test_presets_resolve_per_modality_and_explicit_options_win():
     assert settings_for("dds", "standard", "CT").t_start == 1000  # the paper's: from pure noise
     assert (settings_for("d3ip", "fast", "CT").t_start, settings_for("d3ip", "fast", "MR").t_start) == (60, 250)
     assert settings_for("d3ip", "fast", "CT").lr == 3e-3 and settings_for("d3ip", "standard", "CT").lr == 1e-3
-    with pytest.raises(UsageError, match="--t-start"):
+    with pytest.raises(UsageError, match=r"--t-start must be in \[--steps, 1000\]"):
         settings_for("dds", "fast", "CT", t_start=10)  # fewer training steps than sampling steps
     with pytest.raises(UsageError, match="give --t-start too"):
         settings_for("dds", "fast", "CT", steps=100)  # more steps than the preset's t_start

@@ -84,7 +84,8 @@ class DiffusionSettings:
         if not 1 <= self.steps <= 1000:
             raise UsageError(f"--steps must be in [1, 1000], got {self.steps}")
         if not 1 <= self.t_start <= 1000 or self.steps > self.t_start:
-            raise UsageError(f"--t-start must be in [--steps, 1000], got {self.t_start} (steps {self.steps})")
+            raise UsageError(f"--t-start {self.t_start} with --steps {self.steps}: the steps are spread over "
+                             "[0, t_start), so --t-start must be in [--steps, 1000]")
         if not 0.0 <= self.eta <= 1.0:
             raise UsageError(f"--eta must be in [0, 1], got {self.eta}")
         if self.dc not in ("cg", "prox", "admm-tv-z"):
