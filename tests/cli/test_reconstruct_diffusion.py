@@ -207,6 +207,20 @@ def test_precision_is_recorded_resolved_and_a_bad_one_refused(cli, prior, volume
     assert r.exit_code == 2 and "--precision" in r.output and not (tmp_path / "c.npy").exists()
 
 
+def test_lam_reaches_d3ip_mbir_and_is_refused_by_classical_methods(cli, prior, volume, tmp_path):
+    base = ["reconstruct", volume, "--task", "sparse-view", "--views", "16", "--prior", prior, "--steps", "2",
+            "--adapt-iters", "1", "--json"]
+    r = cli([*base, "--method", "d3ip-mbir", "--lam", "0.02", "-o", tmp_path / "m.npy"])
+    assert r.exit_code == 0, r.output
+    settings = json.loads(r.stdout)["engine"]["settings"]
+    assert (settings["dc"], settings["lam"]) == ("admm-tv-z", 0.02)
+    r = cli(["reconstruct", volume, "--task", "sparse-view", "--views", "16", "--method", "tv", "--lam", "0.02",
+             "-o", tmp_path / "t.npy"])
+    assert r.exit_code == 2 and "--lam does not apply to method tv" in r.output and not (tmp_path / "t.npy").exists()
+    r = cli([*base, "--method", "tv", "--lam", "0.02", "-o", tmp_path / "t.npy"])  # several: one line naming all
+    assert r.exit_code == 2 and "--adapt-iters, --lam, --steps do not apply to method tv" in r.output
+
+
 def test_sigterm_without_checkpoints_exits_130_and_leaves_nothing(prior, volume, tmp_path):
     """A scheduler's SIGTERM stops a run as Ctrl-C does: one line, exit 130, no output."""
     out = tmp_path / "out.npy"

@@ -91,6 +91,7 @@ def register(app: typer.Typer) -> None:
         train_bias: Annotated[Optional[bool], typer.Option("--train-bias/--no-train-bias", help="Adaptation: also train block biases.", rich_help_panel="Diffusion engine")] = None,
         cg_iter: Annotated[Optional[int], typer.Option("--cg-iter", help="Data consistency: CG iterations (default 5).", rich_help_panel="Diffusion engine")] = None,
         gamma: Annotated[Optional[float], typer.Option("--gamma", help="Data consistency: proximal weight γ (MRI).", rich_help_panel="Diffusion engine")] = None,
+        lam: Annotated[Optional[float], typer.Option("--lam", help="d3ip-mbir: weight λ of total variation along z in its ADMM data consistency (default 0.01 for CT, 0.003 for MRI).", rich_help_panel="Diffusion engine")] = None,
         precision: Annotated[Optional[str], typer.Option("--precision", help="Diffusion: network arithmetic, fp32, bf16 or auto (bf16 where the device computes it natively; preset: fast auto, standard/paper fp32).", rich_help_panel="Diffusion engine")] = None,
         checkpoint_every: Annotated[Optional[int], typer.Option("--checkpoint-every", help="Checkpoint every N sampling steps (default 5).", rich_help_panel="Diffusion engine")] = None,
         adapter: Annotated[Optional[str], typer.Option("--adapter", help="Start from a saved adapter (.safetensors).", rich_help_panel="Diffusion engine")] = None,
@@ -126,7 +127,7 @@ def register(app: typer.Typer) -> None:
             coils=coils, backend=backend, slices=slices, grid=grid, noise=noise, i0=i0, sigma=sigma, method=method,
             prior=prior, preset=preset, seed=seed, samples=samples, weight=weight, format=format, series=series,
             frame=frame, checkpoint_dir=checkpoint_dir, resume=resume, steps=steps, t_start=t_start, eta=eta, adapt_iters=adapt_iters,
-            adapt_batch=adapt_batch, lr=lr, lora_rank=lora_rank, train_bias=train_bias, cg_iter=cg_iter, gamma=gamma,
+            adapt_batch=adapt_batch, lr=lr, lora_rank=lora_rank, train_bias=train_bias, cg_iter=cg_iter, gamma=gamma, lam=lam,
             checkpoint_every=checkpoint_every, adapter=adapter, save_adapter=save_adapter, precision=precision)
         from d3ip_cli.engine import distributed
 

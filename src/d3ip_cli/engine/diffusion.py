@@ -113,8 +113,12 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 # Modality defaults: Cartesian A^H A is a projection, so one CG step already fits y exactly and
 # the adaptation loss would carry no signal; MRI adapts on A x̂0 directly, with the proximal DC.
+# d3ip-mbir's TV-along-z weight for MRI is 0.003 (CT keeps the reference's 0.01): chosen on volumes
+# outside the benchmarks (docs/engine_study.md §9: Colin27 slabs 96:104 and 60:68 and the held-out
+# phantom, cs-mri x4), where dds with the ADMM step gave 30.66 / 30.47 / 31.56 dB at 0.003 against
+# 28.91 / 29.79 / 29.29 at 0.01 (0.005: 30.32 / 30.64 / 30.81; 0.001 and 0.03-0.3 lower).
 MODALITY_DEFAULTS: dict[str, dict[str, Any]] = {
-    "MR": {"dc": "prox", "adapt_cg": 0, "gamma": 10.0},
+    "MR": {"dc": "prox", "adapt_cg": 0, "gamma": 10.0, "lam": 0.003},
 }
 
 # A preset's settings for one modality. On Colin27 (8 slices of 128², not the benchmark's example;

@@ -151,7 +151,7 @@ def check_params(method: Method, params: dict[str, Any]) -> dict[str, Any]:
     unknown = set(params) - set(method.defaults)
     if unknown:
         opts = ", ".join("--" + k.replace("_", "-") for k in sorted(unknown))
-        raise UsageError(f"{opts} does not apply to method {method.name}")
+        raise UsageError(f"{opts} {'does' if len(unknown) == 1 else 'do'} not apply to method {method.name}")
     return {**method.defaults, **params}
 
 
