@@ -214,6 +214,10 @@ def test_lam_reaches_d3ip_mbir_and_is_refused_by_classical_methods(cli, prior, v
     assert r.exit_code == 0, r.output
     settings = json.loads(r.stdout)["engine"]["settings"]
     assert (settings["dc"], settings["lam"]) == ("admm-tv-z", 0.02)
+    assert not json.loads(r.stdout)["warnings"]
+    r = cli([*base, "--method", "d3ip", "--lam", "0.02", "-o", tmp_path / "d.npy"])  # runs, but says lam is unused
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["warnings"] == ["--lam is ignored: it weights d3ip-mbir's ADMM step, and d3ip here runs cg"]
     r = cli(["reconstruct", volume, "--task", "sparse-view", "--views", "16", "--method", "tv", "--lam", "0.02",
              "-o", tmp_path / "t.npy"])
     assert r.exit_code == 2 and "--lam does not apply to method tv" in r.output and not (tmp_path / "t.npy").exists()

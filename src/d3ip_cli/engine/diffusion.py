@@ -700,6 +700,11 @@ def run_registered(name: str, op: LinearOperator, y: torch.Tensor, x_init: torch
         if res and not res / 4 <= min(h, w) <= max(h, w) <= 4 * res:
             ctx.record.warn(f"the prior was trained on {res}x{res} phantoms and this grid is {h}x{w}: features are "
                             "at a very different pixel scale from its training (--grid N resamples in-plane)")
+        unused = {"lam": ("--lam", "admm-tv-z", "d3ip-mbir's ADMM step"),
+                  "gamma": ("--gamma", "prox", "the proximal data consistency (MRI)")}
+        for key, (opt, dc, where) in unused.items():
+            if overrides.get(key) is not None and s.dc != dc:
+                ctx.record.warn(f"{opt} is ignored: it weights {where}, and {name} here runs {s.dc}")
         if world_size > 1 and name == "d3ip-mbir":
             ctx.record.warn(f"d3ip-mbir under torchrun: TV along z couples slices within each of the {world_size} "
                             "shards, not across their boundaries")
