@@ -91,7 +91,7 @@ def register(app: typer.Typer) -> None:
         train_bias: Annotated[Optional[bool], typer.Option("--train-bias/--no-train-bias", help="Adaptation: also train block biases.", rich_help_panel="Diffusion engine")] = None,
         cg_iter: Annotated[Optional[int], typer.Option("--cg-iter", help="Data consistency: CG iterations (default 5).", rich_help_panel="Diffusion engine")] = None,
         gamma: Annotated[Optional[float], typer.Option("--gamma", help="Data consistency: proximal weight γ (MRI).", rich_help_panel="Diffusion engine")] = None,
-        lam: Annotated[Optional[float], typer.Option("--lam", help="d3ip-mbir: weight λ of total variation along z in its ADMM data consistency (default 0.01 for CT, 0.003 for MRI).", rich_help_panel="Diffusion engine")] = None,
+        lam: Annotated[Optional[float], typer.Option("--lam", help="d3ip-mbir: weight λ of total variation along z in its ADMM data consistency (default 0.03 for CT, 0.003 for MRI).", rich_help_panel="Diffusion engine")] = None,
         precision: Annotated[Optional[str], typer.Option("--precision", help="Diffusion: network arithmetic, fp32, bf16 or auto (bf16 where the device computes it natively; preset: fast auto, standard/paper fp32).", rich_help_panel="Diffusion engine")] = None,
         checkpoint_every: Annotated[Optional[int], typer.Option("--checkpoint-every", help="Checkpoint every N sampling steps (default 5).", rich_help_panel="Diffusion engine")] = None,
         adapter: Annotated[Optional[str], typer.Option("--adapter", help="Start from a saved adapter (.safetensors).", rich_help_panel="Diffusion engine")] = None,

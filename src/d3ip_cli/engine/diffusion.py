@@ -113,11 +113,13 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 # Modality defaults: Cartesian A^H A is a projection, so one CG step already fits y exactly and
 # the adaptation loss would carry no signal; MRI adapts on A x̂0 directly, with the proximal DC.
-# d3ip-mbir's TV-along-z weight for MRI is 0.003 (CT keeps the reference's 0.01): chosen on volumes
-# outside the benchmarks (docs/engine_study.md §9: Colin27 slabs 96:104 and 60:68 and the held-out
-# phantom, cs-mri x4), where dds with the ADMM step gave 30.66 / 30.47 / 31.56 dB at 0.003 against
-# 28.91 / 29.79 / 29.29 at 0.01 (0.005: 30.32 / 30.64 / 30.81; 0.001 and 0.03-0.3 lower).
+# d3ip-mbir's TV-along-z weight λ (the reference's 0.01), chosen per modality on volumes outside the
+# benchmarks (docs/engine_study.md §9: Colin27 slabs 96:104 and 60:68 and the held-out phantom):
+# MRI 0.003, where dds with the ADMM step gave 30.66 / 30.47 / 31.56 dB (cs-mri x4) against
+# 28.91 / 29.79 / 29.29 at 0.01; CT 0.03, where d3ip-mbir gave 31.31 / 29.74 / 39.78 dB (30-view)
+# against 31.21 / 29.44 / 38.60 at 0.01 (0.1 is better on Colin27 but 0.93 dB worse on the phantom).
 MODALITY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "CT": {"lam": 0.03},
     "MR": {"dc": "prox", "adapt_cg": 0, "gamma": 10.0, "lam": 0.003},
 }
 
