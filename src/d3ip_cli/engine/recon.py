@@ -136,12 +136,18 @@ def prepare_volume(path: str | os.PathLike, *, slices: str | None = None, grid: 
         warnings.simplefilter("always", D3ipWarning)
         vol = read_volume(path, series=series, frame=frame)
     notes = [str(w.message) for w in caught if issubclass(w.category, D3ipWarning)]
+    vol = cut_volume(vol, slices=slices, grid=grid)
+    if notes:
+        vol.meta.setdefault("problems", []).extend(notes)
+    return vol
+
+
+def cut_volume(vol: Volume, *, slices: str | None = None, grid: int | None = None) -> Volume:
+    """``--slices`` then ``--grid`` (in-plane resampling) applied to a volume already read."""
     vol = select_slab(vol, slices)
     if grid:
         data, aff = resample_inplane(vol.data, vol.affine, int(grid))
         vol = vol.replace(data=data, affine=aff)
-    if notes:
-        vol.meta.setdefault("problems", []).extend(notes)
     return vol
 
 
@@ -331,7 +337,7 @@ def load_problem(input_path: str | os.PathLike, cfg: ReconConfig, *, device: tor
                 # the whole volume the data were simulated from: cut it as `d3ip simulate` did
                 cut = " ".join(f"--{k} {prov[k]}" for k in ("slices", "grid") if prov.get(k))
                 try:
-                    ref = prepare_volume(reference_path, slices=prov.get("slices"), grid=prov.get("grid"))
+                    ref = cut_volume(ref, slices=prov.get("slices"), grid=prov.get("grid"))
                 except UsageError:
                     raise InputDataError(f"--reference has shape {list(ref.shape)}: neither the measurement's grid "
                                          f"{list(full_shape)} nor a volume it was simulated from ({cut})") from None
