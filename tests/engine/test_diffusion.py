@@ -158,7 +158,7 @@ def test_precision_is_checked():
 
 
 def test_presets_resolve_per_modality_and_explicit_options_win():
-    assert settings_for("d3ip", "fast", "CT").adapt_iters == 6
+    assert settings_for("d3ip", "fast", "CT").adapt_iters == 10
     mr = settings_for("d3ip", "fast", "MR")
     assert (mr.adapt_iters, mr.dc, mr.adapt_cg, mr.gamma) == (3, "prox", 0, 10.0)
     assert settings_for("d3ip", "standard", "MR").adapt_iters == 10
