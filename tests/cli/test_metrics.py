@@ -64,3 +64,43 @@ def test_volumes_elsewhere_in_space_are_refused(cli, tmp_path):
     for other in ("b.nii.gz", "c.nii.gz"):
         r = cli(["metrics", tmp_path / other, tmp_path / "a.nii.gz"])
         assert r.exit_code == 3 and "another grid in space" in r.stderr, r.output
+
+
+def test_the_same_grid_in_another_axis_order_is_compared_voxel_for_voxel(cli, tmp_path):
+    """dcm2niix stores the example's DICOM series with its rows flipped (NIfTI's convention), and a DICOM
+    series written from a NIfTI reads back in its own order: no resampling is needed, so metrics and
+    --reference reorient (permute and flip axes) instead of refusing. A truly different grid is still refused."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from d3ip_cli.bench.runner import example_path
+
+    series = Path(example_path()).with_suffix("").with_suffix("")  # examples/mni_t1, the DICOM series
+    exe = shutil.which("dcm2niix") or str(Path(sys.executable).with_name("dcm2niix"))
+    proc = subprocess.run([exe, "-b", "n", "-z", "n", "-f", "ref", "-o", str(tmp_path), str(series)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    ref = tmp_path / "ref.nii"
+    import nibabel as nib
+
+    from d3ip_cli.io.volumes import read_volume
+
+    assert not np.allclose(read_volume(ref).affine, read_volume(series).affine)  # stored differently
+    r = cli(["metrics", series, ref, "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["nrmse"] < 1e-6  # the same voxels
+    docs = []
+    for reference in (series, ref):
+        r = cli(["reconstruct", series, "--task", "sparse-view", "--method", "fbp", "--slices", "4:8", "--grid", "64",
+                 "--reference", reference, "-o", tmp_path / f"r{len(docs)}.nii.gz", "--json"])
+        assert r.exit_code == 0, r.output
+        docs.append(json.loads(r.stdout)["metrics"])
+    assert docs[0] == docs[1]
+    shifted = nib.load(ref)
+    moved = nib.Nifti1Image(np.asanyarray(shifted.dataobj), shifted.affine @ np.diag([1, 1, 1, 1]) + np.array(
+        [[0, 0, 0, 3.0], [0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]))
+    nib.save(moved, tmp_path / "moved.nii")
+    r = cli(["metrics", series, tmp_path / "moved.nii"])
+    assert r.exit_code == 3 and "another grid in space" in r.stderr

@@ -6,6 +6,8 @@ import json
 import os
 import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -303,16 +305,57 @@ def test_a_text_file_named_h5_is_an_unreadable_measurement(cli, tmp_path):
         assert r.exit_code == 3 and "not a readable HDF5 file" in r.output, r.output
 
 
-def test_acquisition_options_on_a_measurement_file_are_reported_as_ignored(cli, ct_slice, tmp_path):
+def test_acquisition_options_on_a_measurement_file_are_refused(cli, ct_slice, tmp_path):
     meas = tmp_path / "m.h5"
     assert cli(["simulate", ct_slice, "-o", meas, "--task", "sparse-view", "--views", "30"]).exit_code == 0
-    doc = _run(cli, [meas, "--method", "cgls", "--views", "90", "-o", tmp_path / "r.nii.gz"])
-    assert any("--views ignored" in w for w in doc["warnings"])
-    doc = _run(cli, [meas, "--method", "cgls", "-o", tmp_path / "r2.nii.gz"])
-    assert not any("ignored" in w for w in doc["warnings"])
-    # --slices and --grid apply to measurement files too: not reported as ignored
+    for extra, named in ((["--views", "90"], "--views does"), (["--noise", "gaussian", "--series", "1.2"], "--noise, --series do"),
+                         (["--acceleration", "8"], "--acceleration does")):
+        r = cli(["reconstruct", meas, "--method", "cgls", *extra, "-o", tmp_path / "r.nii.gz"])
+        assert r.exit_code == 2 and f"{named} not apply to m.h5: a measurement file fixes the acquisition" in r.stderr
+        assert not (tmp_path / "r.nii.gz").exists()
+    r = cli(["reconstruct", meas, "--method", "cgls", "--frame", "1", "-o", tmp_path / "r.nii.gz"])
+    assert r.exit_code == 2 and "--frame 1: " in r.stderr and "holds one volume" in r.stderr
+    # --slices and --grid apply to measurement files too
     doc = _run(cli, [meas, "--method", "cgls", "--grid", "64", "-o", tmp_path / "r3.nii.gz"])
-    assert not any("ignored" in w for w in doc["warnings"])
+    assert doc["warnings"] == []
+
+
+def test_warnings_reach_stderr_with_json_and_values_are_echoed_literally(cli, anatomy, tmp_path):
+    from d3ip_cli.bench.runner import example_path
+
+    r = cli(["reconstruct", example_path(), "--task", "sparse-view", "--views", "30", "--method", "fbp", "--slices",
+             "6:8", "--grid", "64", "-o", tmp_path / "j.nii.gz", "--json"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert doc["warnings"] and all(f"warning: {w}" in " ".join(r.stderr.split()) for w in doc["warnings"])
+    # ":100:" is not an emoji code, and "[x]" is not markup: what the user typed comes back as typed
+    r = cli(["reconstruct", anatomy, "--task", "sparse-view", "--method", "fbp", "--slices", "0:100", "-o",
+             tmp_path / "x[1]:fire:.nii.gz"])
+    assert r.exit_code == 2 and "--slices 0:100" in r.stderr, r.stderr
+
+
+def test_resume_with_a_classical_method_is_refused(cli, anatomy, tmp_path):
+    r = cli(["reconstruct", anatomy, "--task", "sparse-view", "--method", "tv", "--resume", "--checkpoint-dir",
+             tmp_path / "none", "-o", tmp_path / "c.nii.gz"])
+    assert r.exit_code == 2 and "--resume continues an interrupted diffusion run; tv runs in one go" in r.stderr
+    assert not (tmp_path / "c.nii.gz").exists() and not (tmp_path / "none").exists()
+
+
+def test_a_ct_nifti_written_by_dcm2niix_is_read_in_hu(cli, ct_slice, tmp_path):
+    """dcm2niix's NIfTI keeps the scanner's HU but not the words "CT" or "HU": the values (air and the
+    -3024 padding outside the field of view) say it, as they do for `d3ip convert`."""
+    exe = shutil.which("dcm2niix") or str(Path(sys.executable).with_name("dcm2niix"))
+    proc = subprocess.run([exe, "-b", "n", "-z", "n", "-f", "d2n", "-o", str(tmp_path), str(ct_slice)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    doc = _run(cli, [tmp_path / "d2n.nii", "--task", "sparse-view", "--method", "fbp", "-o", tmp_path / "r.nii.gz"])
+    assert doc["intensity"]["kind"] == "ct-attenuation" and doc["intensity"]["units"] == "HU"
+    assert any("read as CT in HU" in w for w in doc["warnings"])
+    vol = read_volume(tmp_path / "r.nii.gz")
+    assert (vol.modality, vol.meta["units"]) == ("CT", "HU")
+    # for an MRI task the same file keeps its robust-max scale: HU are not inferred there
+    doc = _run(cli, [tmp_path / "d2n.nii", "--task", "cs-mri", "--method", "zero-filled", "-o", tmp_path / "m.nii.gz"])
+    assert doc["intensity"]["kind"] == "robust-max" and not any("read as CT" in w for w in doc["warnings"])
 
 
 def test_a_constant_volume(cli, tmp_path):

@@ -271,6 +271,37 @@ def test_adapter_options_are_checked_before_any_work(cli, prior, volume, tmp_pat
     assert saved.stat().st_mode & 0o044 == 0o044 & ~_umask()  # shareable like any file the user writes
 
 
+def test_two_outputs_of_one_run_must_not_share_a_path(cli, prior, volume, tmp_path):
+    base = ["reconstruct", volume, "--task", "sparse-view", "--views", "16", "--prior", prior, "--steps", "2",
+            "--adapt-iters", "1"]
+    out = tmp_path / "o.npy"
+    for extra, words in ((["--save-adapter", out], "-o and --save-adapter name the same path"),
+                         (["--save-adapter", tmp_path / "o.npy.json"], "the run record and --save-adapter"),
+                         (["--report", tmp_path / "r.png", "--save-adapter", tmp_path / "r.png"], "--report and --save-adapter"),
+                         (["--checkpoint-dir", out], "-o and --checkpoint-dir"),
+                         (["--checkpoint-dir", tmp_path], "lies inside --checkpoint-dir")):
+        r = cli([*base, "-o", out, *extra])
+        assert r.exit_code == 2 and words in r.stderr, (extra, r.output)
+        assert "d3ip:" not in r.output and sorted(p.name for p in tmp_path.iterdir()) == []  # refused before any work
+
+
+def test_a_run_that_fails_writing_its_record_leaves_nothing(cli, prior, volume, tmp_path, monkeypatch):
+    """The run record is written last; when that fails (a full disk), the volume, report and adapter
+    written before it go again, so nothing complete-looking is left."""
+    from d3ip_cli.core.errors import OutputError
+    from d3ip_cli.engine import recon
+
+    def full_disk(record, output):
+        raise OutputError(f"cannot write {output}.json: No space left on device")
+
+    monkeypatch.setattr(recon, "write_record", full_disk)
+    r = cli(["reconstruct", volume, "--task", "sparse-view", "--views", "16", "--prior", prior, "--steps", "2",
+             "--adapt-iters", "1", "-o", tmp_path / "o.npy", "--report", tmp_path / "r.png",
+             "--save-adapter", tmp_path / "a.safetensors"])
+    assert r.exit_code == 4 and "No space left" in r.stderr, r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

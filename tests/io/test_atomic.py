@@ -30,3 +30,18 @@ def test_a_folder_with_anything_in_it_or_a_file_is_not_replaced(tmp_path):
     with pytest.raises(OutputError, match="exists"):
         check_output(f)
     assert f.read_bytes() == b"old" and (full / "notes.txt").read_text() == "keep"
+
+
+def test_a_write_error_is_one_line_without_the_traceback_a_library_folds_in(tmp_path):
+    """pydicom re-raises an element's OSError with its traceback in the message; the user sees one line."""
+    from d3ip_cli.io.atomic import os_error_text
+
+    folded = OSError("With tag (7FE0,0010) got exception: [Errno 28] No space left on device\n"
+                     "Traceback (most recent call last):\n  File \"filewriter.py\", line 1\n")
+    assert os_error_text(folded) == "With tag (7FE0,0010) got exception: [Errno 28] No space left on device"
+    assert os_error_text(OSError(28, "No space left on device")) == "No space left on device"
+    with pytest.raises(OutputError, match=r"^cannot write .*got exception: \[Errno 28\] No space left on device$"):
+        with atomic_output(tmp_path / "x.bin") as tmp:
+            tmp.write_bytes(b"partial")
+            raise folded
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

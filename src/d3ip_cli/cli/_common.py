@@ -25,7 +25,8 @@ from d3ip_cli.core.errors import (
     D3ipError,
 )
 
-err_console = Console(stderr=True, highlight=False)
+# emoji=False: ":100:" in "--slices 0:100" or a file name must reach the terminal as typed
+err_console = Console(stderr=True, highlight=False, emoji=False)
 
 STATE: dict[str, Any] = {"debug": bool(os.environ.get("D3IP_DEBUG"))}
 
@@ -127,6 +128,7 @@ class progress_bar:
 
 
 def _fail(message: str, code: int) -> typer.Exit:
+    message = (message.strip().splitlines() or [""])[0]  # one line, whatever a library folded into the text
     err_console.print(f"[bold red]error:[/bold red] {escape(message)}", soft_wrap=True)
     return typer.Exit(code)
 

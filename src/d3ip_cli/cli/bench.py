@@ -30,9 +30,9 @@ def _print_table(doc: dict, to_stderr: bool) -> None:
             cells[2] = f"[red]{cells[2]}[/red]"
         last_of_case = i + 1 == len(rows) or rows[i + 1]["cells"][0] != cells[0]
         t.add_row(*cells, end_section=last_of_case)
-    console = Console(stderr=to_stderr, highlight=False)
+    console = Console(stderr=to_stderr, highlight=False, emoji=False)
     if not console.is_terminal:
-        console = Console(stderr=to_stderr, highlight=False, width=200)
+        console = Console(stderr=to_stderr, highlight=False, width=200, emoji=False)
     console.print(t)
 
 

@@ -28,10 +28,13 @@ def register(app: typer.Typer) -> None:
         Example: d3ip metrics recon.nii.gz truth.nii.gz --json
         """
         from d3ip_cli.bench.metrics import volume_metrics
-        from d3ip_cli.io.volumes import check_same_grid, read_volume
+        from d3ip_cli.io.volumes import check_same_grid, read_volume, reorient_like
 
         x = read_volume(recon)
-        r = read_volume(reference)
+        if x.meta.get("source_format") == "npy":
+            r = read_volume(reference)
+        else:  # the same grid stored in another axis order or direction is compared voxel for voxel
+            r = reorient_like(read_volume(reference), x.affine)
         if x.shape == r.shape:
             check_same_grid(x, r)
         doc = volume_metrics(x.data, r.data, data_range=data_range)

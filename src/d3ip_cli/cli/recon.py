@@ -119,7 +119,7 @@ def register(app: typer.Typer) -> None:
         from d3ip_cli.core.record import RunRecord
         from d3ip_cli.engine import recon as engine
         from d3ip_cli.engine.methods import get_method
-        from d3ip_cli.io.atomic import check_output, sidecar_path
+        from d3ip_cli.io.atomic import check_distinct_outputs, check_output, remove_outputs, sidecar_path
         from d3ip_cli.io.measurement import is_measurement_path, peek_task
 
         cfg = ReconConfig.from_options(
@@ -142,7 +142,19 @@ def register(app: typer.Typer) -> None:
         task_name = cfg.task or (peek_task(input) if is_measurement_path(input) else None)
         if cfg.task and not is_measurement_path(input):
             check_acquisition_options(ctx, cfg.task, noise)
-        get_method(cfg.method, task_name)
+        if is_measurement_path(input):  # the file fixes the acquisition: refuse options that would change it
+            given = [f"--{n.replace('_', '-')}" for n in ACQUISITION_OPTIONS
+                     if getattr(ctx.get_parameter_source(n), "name", None) == "COMMANDLINE"]
+            if given:
+                from d3ip_cli.core.errors import UsageError
+
+                raise UsageError(f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to {input.name}: a "
+                                 "measurement file fixes the acquisition (--slices and --grid do apply)")
+        if get_method(cfg.method, task_name).classical and resume:
+            from d3ip_cli.core.errors import UsageError
+
+            raise UsageError(f"--resume continues an interrupted diffusion run; {cfg.method} runs in one go, with "
+                             "nothing to resume")
         if output is None:
             if not input.exists():
                 from d3ip_cli.core.errors import InputDataError
@@ -171,16 +183,13 @@ def register(app: typer.Typer) -> None:
             check_grid_for_prior(cfg.prior, cfg.grid)
         if cfg.save_adapter:
             check_output(cfg.save_adapter, overwrite, inputs)
+        check_distinct_outputs({"-o": out_path, "the run record": sidecar_path(out_path),
+                                "the standard-deviation map": engine.std_output_path(out_path) if cfg.samples > 1 else None,
+                                "--report": report, "--save-adapter": cfg.save_adapter,
+                                "--checkpoint-dir": cfg.checkpoint_dir})
 
         record = RunRecord("reconstruct")
         record.add_input(input)
-        if is_measurement_path(input):  # the file fixes the acquisition: say which options it overrides
-            given = {n for n in ACQUISITION_OPTIONS
-                     if getattr(ctx.get_parameter_source(n), "name", None) == "COMMANDLINE"}
-            ignored = [f"--{n.replace('_', '-')}" for n in ACQUISITION_OPTIONS if n in given]
-            if ignored:
-                record.warn(f"{', '.join(ignored)} ignored: {input.name} is a measurement file, which fixes the "
-                            "acquisition")
         if reference is not None:
             record.add_input(reference, role="reference")
         if cfg.adapter:
@@ -192,12 +201,18 @@ def register(app: typer.Typer) -> None:
             return
         record["world_size"] = world_size
         uid_seed = "|".join(str(e.get("sha256", "")) for e in record["inputs"]) + "|" + cfg.model_dump_json()
-        with record.stage("write"):
-            path = engine.write_result(result, out_path, overwrite=overwrite, format=out_format, record=record,
-                                       report=report, uid_seed=uid_seed)
-        engine.write_record(record, path)
+        try:  # all or nothing: a failure here removes what this run wrote (the adapter included)
+            with record.stage("write"):
+                path = engine.write_result(result, out_path, overwrite=overwrite, format=out_format, record=record,
+                                           report=report, uid_seed=uid_seed)
+            engine.write_record(record, path)
+        except BaseException:
+            remove_outputs(record)
+            raise
         if world_size > 1:
             distributed.barrier()
+        for w in record["warnings"]:  # on stderr with --json too; before the summary, so the last line says what was written
+            warn(w)
         if json_out:
             emit_json(record.doc)
             return
@@ -205,6 +220,4 @@ def register(app: typer.Typer) -> None:
         summary = f"wrote {path} ({record['method']}, {record['task']}, {record['wall_time_s']:.1f} s)"
         if m and m.get("psnr") is not None:
             summary += f"  PSNR {m['psnr']:.2f} dB  SSIM {m['ssim']:.4f}" if m.get("ssim") is not None else ""
-        for w in record["warnings"]:  # before the summary, so the last line says what was written
-            warn(w)
         log(summary)

@@ -73,7 +73,7 @@ def register(app: typer.Typer) -> None:
         from d3ip_cli.core.device import resolve_device
         from d3ip_cli.core.record import RunRecord
         from d3ip_cli.engine.recon import prepare_volume, simulate_measurement, write_record
-        from d3ip_cli.io.atomic import check_output, sidecar_path
+        from d3ip_cli.io.atomic import check_output, remove_outputs, sidecar_path
         from d3ip_cli.io.measurement import write_measurement
 
         cfg = SimulateConfig.from_options(task=task, views=views, arc=arc, acceleration=acceleration, mask=mask,
@@ -96,8 +96,11 @@ def register(app: typer.Typer) -> None:
         with record.stage("simulate"):
             meas, op, _ = simulate_measurement(vol, cfg, cfg, seed=cfg.seed, device=dev, source=str(Path(input).resolve()),
                                                argv=record["argv"])
-        from d3ip_cli.engine.recon import acceleration_note
+        from d3ip_cli.engine.intensity import IntensityScale
+        from d3ip_cli.engine.recon import acceleration_note, scale_notes
 
+        for note in scale_notes(vol, IntensityScale.from_dict(meas.intensity)):
+            record.warn(note)
         if note := acceleration_note(op, cfg.acceleration):
             record.warn(note)
         with record.stage("write"):
@@ -113,10 +116,14 @@ def register(app: typer.Typer) -> None:
         for p in vol.meta.get("problems", []) or []:
             record.warn(str(p))
         record.add_output(path)
-        write_record(record, path)
+        try:
+            write_record(record, path)
+        except BaseException:  # no measurement without its run record
+            remove_outputs(record)
+            raise
+        for w in record["warnings"]:  # on stderr with --json too
+            warn(w)
         if json_out:
             emit_json(record.doc)
         else:
             log(f"wrote {path}: {meas.kind} {list(meas.data.shape)} ({op!r})")
-            for w in record["warnings"]:
-                warn(w)

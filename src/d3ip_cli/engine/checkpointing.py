@@ -68,8 +68,9 @@ class Checkpointer:
             self.dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             from d3ip_cli.core.errors import OutputError
+            from d3ip_cli.io.atomic import os_error_text
 
-            raise OutputError(f"--checkpoint-dir {self.dir}: {exc.strerror or exc}") from None
+            raise OutputError(f"--checkpoint-dir {self.dir}: {os_error_text(exc)}") from None
 
     @property
     def path(self) -> Path:

@@ -8,7 +8,9 @@ measurement file) as :meth:`IntensityScale.to_dict`.
   relative to twice water: air 0, water 0.5, +1000 HU 1. Since :math:`\\mu = \\mu_w (1 + HU/1000)`,
   one normalised unit is :math:`2\\mu_w` per mm (``mu_per_unit``, with
   :math:`\\mu_w = 0.0192` /mm at ~70 keV), which converts line integrals for photon noise.
-  HU below -1024 (padding outside the scanner's field of view) are clipped first.
+  HU below -1024 (padding outside the scanner's field of view) are clipped first. An image
+  that does not record its units (NIfTI from dcm2niix, NumPy) is read as HU for a CT task
+  when its values reach HU-like air (<= -500), as ``d3ip convert`` decides for DICOM output.
 - ``robust-max`` (MR magnitudes, other images): :math:`x = (v - o) / (p_{99.5} - o)` with
   ``o = min(0, min v)``, so the 99.5th percentile maps to 1.
 - ``identity``: already normalised.
@@ -67,9 +69,21 @@ def robust_max(v: np.ndarray, percentile: float = 99.5) -> float:
     return m
 
 
+HU_AIR_LIKE = -500.0
+"""Values at or below this read as HU air: the rule ``d3ip convert`` uses to pick CT for DICOM."""
+
+
+def hu_by_values(data: np.ndarray, modality: str, units: str, task_modality: str) -> bool:
+    """Whether an image that does not record its units (a NIfTI written by dcm2niix, a NumPy
+    array) and is given to a CT task holds HU: its values reach HU-like air (<= -500)."""
+    return (task_modality == "CT" and modality not in ("CT", "MR") and units != "HU" and np.size(data) > 0
+            and float(np.min(data)) <= HU_AIR_LIKE)
+
+
 def scale_for_volume(data: np.ndarray, modality: str, units: str, task_modality: str) -> IntensityScale:
-    """Choose the normalisation of an image volume (see module docstring)."""
-    if modality == "CT" and units == "HU":
+    """Choose the normalisation of an image volume (see module docstring); an image of
+    unrecorded units given to a CT task is read as HU when :func:`hu_by_values` says so."""
+    if (modality == "CT" and units == "HU") or hu_by_values(data, modality, units, task_modality):
         return IntensityScale("ct-attenuation", scale=2000.0, offset=-1000.0, units="HU", clip_min=HU_FLOOR)
     lo = float(np.min(data))
     offset = min(0.0, lo)

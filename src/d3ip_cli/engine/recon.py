@@ -217,7 +217,7 @@ def simulate_measurement(vol: Volume, task_opts: TaskOptions, noise_opts: NoiseO
                     # volume is cut the same way when this measurement is reconstructed
                     "slices": getattr(task_opts, "slices", None), "grid": getattr(task_opts, "grid", None),
                     "note": "simulated from an image volume (a retrospective study)"},
-        meta=_json_meta(vol.meta))
+        meta=_json_meta(vol.meta) | ({"modality": "CT", "units": "HU"} if scale.kind == "ct-attenuation" else {}))
     return meas, op, x_ref
 
 
@@ -241,6 +241,17 @@ def acceleration_note(op: Any, requested: float) -> str | None:
             f"centre included) undersamples by {achieved:.2f}x")
 
 
+def scale_notes(vol: Volume, scale: IntensityScale) -> list[str]:
+    """What the user should know about how ``vol``'s values were read (run-record warnings)."""
+    notes = []
+    if scale.kind == "ct-attenuation" and (vol.meta.get("units") != "HU" or vol.modality != "CT"):
+        notes.append(f"the input does not record its units; its values reach HU-like air (minimum "
+                     f"{float(np.min(vol.data)):g}), so they are read as CT in HU")
+    if scale.clip_min is not None and float(np.min(vol.data)) < scale.clip_min:
+        notes.append(f"input values below {scale.clip_min:g} {scale.units} were clipped (outside the field of view)")
+    return notes
+
+
 def problem_from_volume(vol: Volume, cfg: ReconConfig, *, device: torch.device | str = "cpu",
                         source: str | None = None) -> Problem:
     """Retrospective study: simulate from ``vol``; the volume (normalised and mapped back) is the reference."""
@@ -248,9 +259,8 @@ def problem_from_volume(vol: Volume, cfg: ReconConfig, *, device: torch.device |
     y = torch.from_numpy(meas.data).to(device)
     scale = IntensityScale.from_dict(meas.intensity)
     reference = scale.denormalise(x_ref.detach().cpu().numpy())
-    notes = []
-    if scale.clip_min is not None and float(np.min(vol.data)) < scale.clip_min:
-        notes.append(f"input values below {scale.clip_min:g} {scale.units} were clipped (outside the field of view)")
+    notes = scale_notes(vol, scale)
+    meta = dict(meas.meta)  # CT in HU where the values were read so (scale_notes)
     if note := acceleration_note(op, cfg.acceleration):
         notes.append(note)
     from d3ip_cli.physics.registry import get_task
@@ -260,7 +270,7 @@ def problem_from_volume(vol: Volume, cfg: ReconConfig, *, device: torch.device |
         article = "an" if vol.modality == "MR" else "a"
         notes.append(f"the input is {article} {vol.modality} image; --task {cfg.task} simulates {task_modality} data from "
                      "it (a synthetic study, not this scan's acquisition)")
-    return Problem(op=op, y=y, task=str(cfg.task), scale=scale, affine=vol.affine.copy(), meta=_json_meta(vol.meta),
+    return Problem(op=op, y=y, task=str(cfg.task), scale=scale, affine=vol.affine.copy(), meta=meta,
                    reference=reference, retrospective=True, measurement=meas, warnings=notes)
 
 
@@ -329,9 +339,11 @@ def load_problem(input_path: str | os.PathLike, cfg: ReconConfig, *, device: tor
         z_full = full_shape[0]
         ref = None
         if reference_path is not None:
-            from d3ip_cli.io.volumes import check_same_grid
+            from d3ip_cli.io.volumes import check_same_grid, reorient_like
 
             ref = prepare_volume(reference_path)
+            if "affine" in (meas.grid or {}):  # the measurement's axis order and directions, before any cut
+                ref = reorient_like(ref, full_affine)
             prov = meas.provenance or {}
             if ref.shape != full_shape and (prov.get("slices") or prov.get("grid")):
                 # the whole volume the data were simulated from: cut it as `d3ip simulate` did
@@ -358,11 +370,14 @@ def load_problem(input_path: str | os.PathLike, cfg: ReconConfig, *, device: tor
     problem = problem_from_volume(vol, cfg, device=device, source=str(p.resolve()))
     problem.warnings.extend(vol.meta.get("problems", []) or [])
     if reference_path is not None:
-        ref = prepare_volume(reference_path, slices=cfg.slices, grid=cfg.grid)
+        from d3ip_cli.io.volumes import check_same_grid, reorient_like
+
+        ref = prepare_volume(reference_path)
+        if vol.meta.get("source_format") != "npy":  # the input's axis order and directions, then its cut
+            ref = reorient_like(ref, vol.affine)
+        ref = cut_volume(ref, slices=cfg.slices, grid=cfg.grid)
         if ref.shape != vol.shape:
             raise InputDataError(f"--reference has shape {list(ref.shape)}, the reconstruction grid is {list(vol.shape)}")
-        from d3ip_cli.io.volumes import check_same_grid
-
         check_same_grid(vol, ref, what="--reference")
         problem.reference = np.asarray(ref.data, dtype=np.float32)
     return problem

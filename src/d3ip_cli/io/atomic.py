@@ -74,7 +74,7 @@ def check_output(path: str | os.PathLike, overwrite: bool = False, inputs: tuple
         probe.touch()
         probe.unlink()
     except OSError as exc:
-        raise OutputError(f"cannot write in output folder {parent}: {exc.strerror or exc}") from None
+        raise OutputError(f"cannot write in output folder {parent}: {os_error_text(exc)}") from None
     return p
 
 
@@ -102,10 +102,43 @@ def atomic_output(path: str | os.PathLike, overwrite: bool = False, directory: b
             os.replace(tmp, target)
     except OSError as exc:
         _remove(tmp)
-        raise OutputError(f"cannot write {target}: {exc.strerror or exc}") from None
+        raise OutputError(f"cannot write {target}: {os_error_text(exc)}") from None
     except BaseException:
         _remove(tmp)
         raise
+
+
+def os_error_text(exc: OSError) -> str:
+    """One line saying why a write failed: the error's own text, without the traceback that
+    some libraries (pydicom's element writer, h5py) fold into the message."""
+    text = exc.strerror or str(exc) or type(exc).__name__
+    return text.strip().splitlines()[0]
+
+
+def check_distinct_outputs(named: dict[str, str | os.PathLike | None]) -> None:
+    """Refuse (exit 2) two outputs of one run that name the same path, or one inside another
+    (``-o`` inside ``--checkpoint-dir``), before any work: else the second write would fail
+    after the run, or silently replace the first."""
+    from d3ip_cli.core.errors import UsageError
+
+    items = [(label, Path(p).resolve()) for label, p in named.items() if p is not None]
+    for i, (a, pa) in enumerate(items):
+        for b, pb in items[i + 1:]:
+            if pa == pb:
+                raise UsageError(f"{a} and {b} name the same path {pa}: give each its own name")
+            for (x, px), (y, py) in (((a, pa), (b, pb)), ((b, pb), (a, pa))):
+                if px in py.parents:
+                    raise UsageError(f"{y} ({py}) lies inside {x} ({px}): give each its own place")
+
+
+def remove_outputs(record: Any) -> None:
+    """Remove every output that ``record`` lists (a run that failed before it finished), and the
+    sidecar an output's writer may have put beside it (``.npy`` geometry)."""
+    for entry in list(record["outputs"]):
+        _remove(Path(entry["path"]))
+        if entry.get("role") == "output":
+            _remove(sidecar_path(entry["path"]))
+    record["outputs"].clear()
 
 
 def _empty_dir(p: Path) -> bool:

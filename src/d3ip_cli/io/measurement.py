@@ -209,6 +209,8 @@ def read_measurement(path: str | os.PathLike, *, frame: int | None = None) -> Me
             m = _read_fastmri(f, p)
         else:
             raise InputDataError(f"{p}: HDF5 file is neither a d3ip measurement, fastMRI (kspace) nor ISMRMRD data")
+    if frame and m.source_format != "ismrmrd":
+        raise UsageError(f"--frame {frame}: {p} holds one volume (repetitions are read from ISMRMRD files only)")
     return m.validate(str(p))
 
 

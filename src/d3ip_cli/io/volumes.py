@@ -288,12 +288,31 @@ def volume_summary(volume: "Volume", *, with_stats: bool = True) -> dict[str, An
     return doc
 
 
+def reorient_like(volume: Any, affine: Any) -> Any:
+    """``volume`` with its axes permuted and flipped (no resampling) so that they run the way
+    ``affine``'s do: a reference that dcm2niix stored with flipped rows, or a DICOM series read
+    back in another slice order, then lines up voxel for voxel with a reconstruction of the same
+    grid. Volumes without a geometry (NumPy) and volumes already aligned are returned as they are."""
+    import numpy as np
+    from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation, ornt_transform
+
+    if (volume.meta or {}).get("source_format") == "npy":
+        return volume
+    start, end = io_orientation(np.asarray(volume.affine, float)), io_orientation(np.asarray(affine, float))
+    transform = ornt_transform(start, end)
+    if np.array_equal(transform, [[0, 1], [1, 1], [2, 1]]):
+        return volume
+    data = np.ascontiguousarray(apply_orientation(volume.data, transform))
+    return volume.replace(data=data, affine=np.asarray(volume.affine, float) @ inv_ornt_aff(transform, volume.data.shape))
+
+
 def check_same_grid(recon: Any, reference: Any, *, what: str = "reference") -> None:
     """Refuse (exit 3) two volumes of the same shape that sit differently in space.
 
-    The metrics compare voxel arrays, so a reference stored in another orientation or at
-    another origin (e.g. RAS-stored NIfTI against a DICOM series) would give a meaningless
-    score. Volumes without a geometry (NumPy arrays) are compared as they are.
+    The metrics compare voxel arrays, so a reference at another origin, spacing or orientation
+    would give a meaningless score; callers first :func:`reorient_like` the reference (axis
+    order and flips are not a difference). Volumes without a geometry (NumPy arrays) are
+    compared as they are.
     """
     if "npy" in {(v.meta or {}).get("source_format") for v in (recon, reference)}:
         return

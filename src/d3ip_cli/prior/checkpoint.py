@@ -103,7 +103,7 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta
     except Exception as exc:  # noqa: BLE001 - safetensors reports I/O failures as its own error type
         tmp.unlink(missing_ok=True)
         if isinstance(exc, OSError) or type(exc).__name__ == "SafetensorError":
-            raise OutputError(f"cannot write {p}: {exc}") from None
+            raise OutputError(f"cannot write {p}: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") from None
         raise
 
 
