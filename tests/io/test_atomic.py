@@ -45,3 +45,14 @@ def test_a_write_error_is_one_line_without_the_traceback_a_library_folds_in(tmp_
             tmp.write_bytes(b"partial")
             raise folded
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_an_output_inside_an_input_series_folder_is_refused(tmp_path):
+    """Written into the input's series folder, the output would join that series (and `info` on it
+    would then find two series)."""
+    series = tmp_path / "ex"
+    series.mkdir()
+    (series / "IM1.dcm").write_bytes(b"x")
+    with pytest.raises(OutputError, match="lies inside the input folder"):
+        check_output(series / "sub", inputs=(series,))
+    check_output(tmp_path / "beside", inputs=(series,))

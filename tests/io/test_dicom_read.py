@@ -139,6 +139,16 @@ def test_duplicate_positions_are_a_mixed_series(make_ct_series, tmp_path):
         read_volume(folder)
 
 
+def test_a_copied_file_is_named_as_a_copy_not_a_mixed_series(make_ct_series, tmp_path):
+    import shutil
+
+    folder, _ = make_ct_series(tmp_path / "copy", n=4)
+    first = sorted(folder.glob("*.dcm"))[1]
+    shutil.copy(first, folder / "copy of it.dcm")
+    with pytest.raises(InputDataError, match=r"1 file\(s\) are copies of another \(the same SOPInstanceUID.*remove the copies"):
+        read_volume(folder)
+
+
 def test_two_series_need_series_option(make_ct_series, tmp_path):
     root = tmp_path / "two"
     _, first = make_ct_series(root / "a", n=3, series_uid="1.2.3.4.100", description="first")

@@ -11,12 +11,13 @@ command then fails with exit code 3 after printing the report.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from d3ip_cli.cli._common import emit_json, guarded
-from d3ip_cli.cli.convert import FrameOpt, InputArg, SeriesOpt
+from d3ip_cli.cli.convert import FrameOpt, SeriesOpt
 
 ReportJsonOpt = Annotated[bool, typer.Option("--json", help="Print the report as one JSON object on stdout.")]
 
@@ -67,7 +68,9 @@ def register(app: typer.Typer) -> None:
     @app.command("info")
     @guarded
     def info(
-        input: InputArg,
+        input: Annotated[Path, typer.Argument(
+            metavar="INPUT", help="DICOM file or series directory, .nii/.nii.gz or .npy volume, or a measurement "
+                                  "file (.h5: d3ip, fastMRI or ISMRMRD).", show_default=False)],
         json_out: ReportJsonOpt = False,
         series: SeriesOpt = None,
         frame: FrameOpt = None,

@@ -52,6 +52,9 @@ def check_output(path: str | os.PathLike, overwrite: bool = False, inputs: tuple
         src_r, p_r = Path(src).resolve(), p.resolve()
         if src_r == p_r or p_r in src_r.parents:
             raise OutputError(f"output {p} would replace the input {src}; give another output name")
+        if src_r.is_dir() and src_r in p_r.parents:  # a DICOM series folder: the output would join the series
+            raise OutputError(f"output {p} lies inside the input folder {src}, where it would join that series; "
+                              "give an output outside it")
     if p.exists() and not overwrite and not _empty_dir(p):
         raise OutputError(f"output {p} exists (use --overwrite to replace it)")
     if p.is_dir() and not p.is_symlink():

@@ -129,6 +129,7 @@ class _Slice:
     slope: float = 1.0
     intercept: float = 0.0
     instance: int | None = None
+    uid: str | None = None  # SOPInstanceUID of a single-frame file: two files with one are copies
 
 
 def _floats(value: Any, n: int) -> np.ndarray | None:
@@ -336,7 +337,7 @@ def _slices_from_dataset(ds, source: str, path: Path) -> tuple[list[_Slice], lis
     return [_Slice(source=source, rows=rows, cols=cols, load=lambda: all_pixels()[0], ipp=top_ipp, iop=top_iop,
                    spacing=_tuple2(top_ps), thickness=top_thick, between=top_between,
                    slope=top_slope or 1.0, intercept=top_inter or 0.0,
-                   instance=_int(ds.get("InstanceNumber")))], problems
+                   instance=_int(ds.get("InstanceNumber")), uid=str(ds.get("SOPInstanceUID", "")) or None)], problems
 
 
 def _tuple2(a: np.ndarray | None) -> tuple[float, float] | None:
@@ -417,6 +418,12 @@ def assemble(slices: list[_Slice], label: str, *, strict: bool = True,
             d = np.abs(np.diff(s_pos))
             if np.min(d) < 1e-3:
                 dup = int(np.sum(d < 1e-3))
+                copies = [(a, b) for a, b, gap in zip(slices, slices[1:], d) if gap < 1e-3 and a.uid and a.uid == b.uid]
+                if copies:
+                    a, b = copies[0]
+                    raise InputDataError(
+                        f"{label}: {len(copies)} file(s) are copies of another (the same SOPInstanceUID, e.g. "
+                        f"{Path(a.source).name} and {Path(b.source).name}): remove the copies")
                 raise InputDataError(
                     f"{label}: mixed series: {dup} slice(s) share a position with another (several echoes, time "
                     "points or acquisitions in one series); not a single 3D volume")
