@@ -279,10 +279,14 @@ def test_two_outputs_of_one_run_must_not_share_a_path(cli, prior, volume, tmp_pa
                          (["--save-adapter", tmp_path / "o.npy.json"], "the run record and --save-adapter"),
                          (["--report", tmp_path / "r.png", "--save-adapter", tmp_path / "r.png"], "--report and --save-adapter"),
                          (["--checkpoint-dir", out], "-o and --checkpoint-dir"),
-                         (["--checkpoint-dir", tmp_path], "lies inside --checkpoint-dir")):
+                         (["-o", tmp_path / "series", "--format", "dicom", "--report", tmp_path / "series" / "r.png"],
+                          f"--report ({tmp_path / 'series' / 'r.png'}) lies inside -o")):
         r = cli([*base, "-o", out, *extra])
         assert r.exit_code == 2 and words in r.stderr, (extra, r.output)
         assert "d3ip:" not in r.output and sorted(p.name for p in tmp_path.iterdir()) == []  # refused before any work
+    # the checkpoint folder only ever touches its own files: an output may go inside it (--checkpoint-dir .)
+    r = cli([*base, "-o", out, "--checkpoint-dir", tmp_path])
+    assert r.exit_code == 0 and out.exists(), r.output
 
 
 def test_a_run_that_fails_writing_its_record_leaves_nothing(cli, prior, volume, tmp_path, monkeypatch):

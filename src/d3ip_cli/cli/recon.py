@@ -169,6 +169,10 @@ def register(app: typer.Typer) -> None:
         output_format(out_path, out_format)  # a bad --format or name fails now, not after the reconstruction
         if report is not None and not str(report).lower().endswith(".png"):
             raise UsageError(f"--report {report}: the report is a PNG image; give a name ending in .png")
+        check_distinct_outputs({"-o": out_path, "the run record": sidecar_path(out_path),
+                                "the standard-deviation map": engine.std_output_path(out_path) if cfg.samples > 1 else None,
+                                "--report": report, "--save-adapter": cfg.save_adapter,
+                                "--checkpoint-dir": cfg.checkpoint_dir})
         inputs = (input,) + ((reference,) if reference is not None else ())
         check_output(out_path, overwrite, inputs)
         check_output(sidecar_path(out_path), overwrite, inputs)  # the run record beside it
@@ -183,10 +187,6 @@ def register(app: typer.Typer) -> None:
             check_grid_for_prior(cfg.prior, cfg.grid)
         if cfg.save_adapter:
             check_output(cfg.save_adapter, overwrite, inputs)
-        check_distinct_outputs({"-o": out_path, "the run record": sidecar_path(out_path),
-                                "the standard-deviation map": engine.std_output_path(out_path) if cfg.samples > 1 else None,
-                                "--report": report, "--save-adapter": cfg.save_adapter,
-                                "--checkpoint-dir": cfg.checkpoint_dir})
 
         record = RunRecord("reconstruct")
         record.add_input(input)

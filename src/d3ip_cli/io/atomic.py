@@ -120,8 +120,9 @@ def os_error_text(exc: OSError) -> str:
 
 def check_distinct_outputs(named: dict[str, str | os.PathLike | None]) -> None:
     """Refuse (exit 2) two outputs of one run that name the same path, or one inside another
-    (``-o`` inside ``--checkpoint-dir``), before any work: else the second write would fail
-    after the run, or silently replace the first."""
+    (``--report`` inside a DICOM ``-o`` folder), before any work: else the second write would
+    fail after the run, or silently replace the first. Outputs may lie inside
+    ``--checkpoint-dir``, whose own files are the only ones it touches."""
     from d3ip_cli.core.errors import UsageError
 
     items = [(label, Path(p).resolve()) for label, p in named.items() if p is not None]
@@ -130,7 +131,7 @@ def check_distinct_outputs(named: dict[str, str | os.PathLike | None]) -> None:
             if pa == pb:
                 raise UsageError(f"{a} and {b} name the same path {pa}: give each its own name")
             for (x, px), (y, py) in (((a, pa), (b, pb)), ((b, pb), (a, pa))):
-                if px in py.parents:
+                if px in py.parents and x != "--checkpoint-dir":
                     raise UsageError(f"{y} ({py}) lies inside {x} ({px}): give each its own place")
 
 
