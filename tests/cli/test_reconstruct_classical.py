@@ -308,11 +308,13 @@ def test_a_text_file_named_h5_is_an_unreadable_measurement(cli, tmp_path):
 def test_acquisition_options_on_a_measurement_file_are_refused(cli, ct_slice, tmp_path):
     meas = tmp_path / "m.h5"
     assert cli(["simulate", ct_slice, "-o", meas, "--task", "sparse-view", "--views", "30"]).exit_code == 0
-    for extra, named in ((["--views", "90"], "--views does"), (["--noise", "gaussian", "--series", "1.2"], "--noise, --series do"),
+    for extra, named in ((["--views", "90"], "--views does"), (["--noise", "gaussian", "--i0", "1e4"], "--noise, --i0 do"),
                          (["--acceleration", "8"], "--acceleration does")):
         r = cli(["reconstruct", meas, "--method", "cgls", *extra, "-o", tmp_path / "r.nii.gz"])
         assert r.exit_code == 2 and f"{named} not apply to m.h5: a measurement file fixes the acquisition" in r.stderr
         assert not (tmp_path / "r.nii.gz").exists()
+    r = cli(["reconstruct", meas, "--method", "cgls", "--series", "1.2", "-o", tmp_path / "r.nii.gz"])
+    assert r.exit_code == 2 and "--series picks one series of a DICOM folder; m.h5 is a measurement file" in r.stderr
     r = cli(["reconstruct", meas, "--method", "cgls", "--frame", "1", "-o", tmp_path / "r.nii.gz"])
     assert r.exit_code == 2 and "--frame 1: " in r.stderr and "holds one volume" in r.stderr
     # --slices and --grid apply to measurement files too
@@ -335,10 +337,15 @@ def test_warnings_reach_stderr_with_json_and_values_are_echoed_literally(cli, an
 
 
 def test_resume_with_a_classical_method_is_refused(cli, anatomy, tmp_path):
-    r = cli(["reconstruct", anatomy, "--task", "sparse-view", "--method", "tv", "--resume", "--checkpoint-dir",
-             tmp_path / "none", "-o", tmp_path / "c.nii.gz"])
-    assert r.exit_code == 2 and "--resume continues an interrupted diffusion run; tv runs in one go" in r.stderr
-    assert not (tmp_path / "c.nii.gz").exists() and not (tmp_path / "none").exists()
+    """Refused for the method first: with or without --checkpoint-dir, the user is not sent to make
+    a folder that would then be refused too."""
+    (tmp_path / "ck").mkdir()
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for extra in (["--checkpoint-dir", tmp_path / "ck"], []):
+        r = cli(["reconstruct", anatomy, "--task", "sparse-view", "--method", "tv", "--resume", *extra,
+                 "-o", tmp_path / "c.nii.gz"])
+        assert r.exit_code == 2 and "--resume continues an interrupted diffusion run; tv runs in one go" in r.stderr
+        assert sorted(p.name for p in tmp_path.iterdir()) == before and not any((tmp_path / "ck").iterdir())
 
 
 def test_a_ct_nifti_written_by_dcm2niix_is_read_in_hu(cli, ct_slice, tmp_path):
@@ -372,8 +379,8 @@ def test_a_constant_volume(cli, tmp_path):
 
 
 def test_resume_needs_a_checkpoint_dir(cli, ct_slice, tmp_path):
-    r = cli(["reconstruct", ct_slice, "--task", "sparse-view", "--method", "fbp", "--resume", "-o", tmp_path / "r.nii.gz"])
-    assert r.exit_code == 2 and "--checkpoint-dir" in r.output
+    r = cli(["reconstruct", ct_slice, "--task", "sparse-view", "--method", "dds", "--resume", "-o", tmp_path / "r.nii.gz"])
+    assert r.exit_code == 2 and "--resume continues from --checkpoint-dir DIR" in r.stderr, r.output
 
 
 def test_a_modality_mismatch_is_noted(cli, ct_slice, tmp_path):

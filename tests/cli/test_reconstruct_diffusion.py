@@ -259,6 +259,10 @@ def test_adapter_options_are_checked_before_any_work(cli, prior, volume, tmp_pat
     assert r.exit_code == 0, r.output
     inputs = json.loads((tmp_path / "o3b.npy.json").read_text())["inputs"]  # a reused adapter is an input
     assert [i["sha256"] for i in inputs if i["role"] == "adapter"] == [saved_entry[0]["sha256"]]
+    before = saved.read_bytes() if (saved := tmp_path / "no" / "dir" / "a.safetensors").exists() else None
+    r = cli([*base, "--adapter", saved, "--save-adapter", saved, "--overwrite", "-o", tmp_path / "o3c.npy"])
+    assert r.exit_code == 4 and "would replace the input" in r.stderr, r.output  # the adapter read is an input
+    assert saved.read_bytes() == before and not (tmp_path / "o3c.npy").exists()
     taken = tmp_path / "taken.safetensors"
     taken.write_bytes(b"keep")
     r = cli([*base, "--save-adapter", taken, "-o", tmp_path / "o4.npy"])
@@ -280,13 +284,18 @@ def test_two_outputs_of_one_run_must_not_share_a_path(cli, prior, volume, tmp_pa
                          (["--report", tmp_path / "r.png", "--save-adapter", tmp_path / "r.png"], "--report and --save-adapter"),
                          (["--checkpoint-dir", out], "-o and --checkpoint-dir"),
                          (["-o", tmp_path / "series", "--format", "dicom", "--report", tmp_path / "series" / "r.png"],
-                          f"--report ({tmp_path / 'series' / 'r.png'}) lies inside -o")):
+                          f"--report ({(tmp_path / 'series' / 'r.png').resolve()}) lies inside -o")):
         r = cli([*base, "-o", out, *extra])
         assert r.exit_code == 2 and words in r.stderr, (extra, r.output)
         assert "d3ip:" not in r.output and sorted(p.name for p in tmp_path.iterdir()) == []  # refused before any work
-    # the checkpoint folder only ever touches its own files: an output may go inside it (--checkpoint-dir .)
-    r = cli([*base, "-o", out, "--checkpoint-dir", tmp_path])
+    # the checkpoint folder only ever touches its own sample<k> folders: an output may go beside
+    # them (--checkpoint-dir .), with the states written at every step, but not into one of them
+    r = cli([*base, "-o", tmp_path / "sample0", "--format", "dicom", "--checkpoint-dir", tmp_path])
+    assert r.exit_code == 2 and "where --checkpoint-dir keeps its sampler states" in r.stderr, r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    r = cli([*base, "-o", out, "--checkpoint-dir", tmp_path, "--checkpoint-every", "1"])
     assert r.exit_code == 0 and out.exists(), r.output
+    assert (tmp_path / "sample0" / "state-rank0.safetensors").exists()  # the states really lay beside it
 
 
 def test_a_run_that_fails_writing_its_record_leaves_nothing(cli, prior, volume, tmp_path, monkeypatch):
@@ -302,6 +311,26 @@ def test_a_run_that_fails_writing_its_record_leaves_nothing(cli, prior, volume, 
     r = cli(["reconstruct", volume, "--task", "sparse-view", "--views", "16", "--prior", prior, "--steps", "2",
              "--adapt-iters", "1", "-o", tmp_path / "o.npy", "--report", tmp_path / "r.png",
              "--save-adapter", tmp_path / "a.safetensors"])
+    assert r.exit_code == 4 and "No space left" in r.stderr, r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_run_that_fails_writing_its_uncertainty_map_leaves_nothing(cli, prior, volume, tmp_path, monkeypatch):
+    """With --samples 2 the standard-deviation map is written after the volume; when it fails, the
+    volume goes again, and with a NumPy output its geometry sidecar too."""
+    from d3ip_cli.core.errors import OutputError
+    from d3ip_cli.io import volumes
+
+    real_write = volumes.write_volume
+
+    def failing_std(volume, path, *args, **kwargs):
+        if "_std" in str(path):
+            raise OutputError(f"cannot write {path}: No space left on device")
+        return real_write(volume, path, *args, **kwargs)
+
+    monkeypatch.setattr(volumes, "write_volume", failing_std)
+    r = cli(["reconstruct", volume, "--task", "sparse-view", "--views", "16", "--prior", prior, "--method", "dds",
+             "--steps", "2", "--samples", "2", "-o", tmp_path / "o.npy"])
     assert r.exit_code == 4 and "No space left" in r.stderr, r.output
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 

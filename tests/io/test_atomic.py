@@ -47,12 +47,21 @@ def test_a_write_error_is_one_line_without_the_traceback_a_library_folds_in(tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
-def test_an_output_inside_an_input_series_folder_is_refused(tmp_path):
-    """Written into the input's series folder, the output would join that series (and `info` on it
-    would then find two series)."""
+def test_a_dicom_output_inside_an_input_series_folder_is_refused(tmp_path):
+    """Written into the input's series folder, a DICOM output would join that series (and `info`
+    on it would then find two series); a NIfTI, NumPy or JSON file there is ignored by the
+    reader, so it is allowed; so is any output beside a single DICOM file, which is read alone."""
     series = tmp_path / "ex"
     series.mkdir()
     (series / "IM1.dcm").write_bytes(b"x")
-    with pytest.raises(OutputError, match="lies inside the input folder"):
-        check_output(series / "sub", inputs=(series,))
-    check_output(tmp_path / "beside", inputs=(series,))
+    with pytest.raises(OutputError, match="lies inside the input's DICOM series folder"):
+        check_output(series / "sub", inputs=(series,), series=True)
+    check_output(series / "sub", inputs=(series / "IM1.dcm",), series=True)
+    check_output(tmp_path / "beside", inputs=(series,), series=True)
+    check_output(series / "vol.nii.gz", inputs=(series,))  # not DICOM: the reader skips it
+
+
+def test_an_error_with_a_blank_message_still_gives_a_line():
+    from d3ip_cli.io.atomic import os_error_text
+
+    assert os_error_text(OSError("\n")) == "OSError"

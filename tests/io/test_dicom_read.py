@@ -149,6 +149,17 @@ def test_a_copied_file_is_named_as_a_copy_not_a_mixed_series(make_ct_series, tmp
         read_volume(folder)
 
 
+def test_a_copy_beside_a_second_acquisition_is_still_a_mixed_series(make_ct_series, tmp_path):
+    """Only when every shared position is a copy does the message say 'remove the copies'; a real
+    second acquisition at one position is a mixed series, and the copies are counted in it."""
+    import shutil
+
+    folder, _ = make_ct_series(tmp_path / "mixed", positions=[0.0, 2.5, 5.0, 5.0], shuffle=False)
+    shutil.copy(sorted(folder.glob("*.dcm"))[0], folder / "copy of it.dcm")
+    with pytest.raises(InputDataError, match=r"mixed series: 2 slice\(s\) share a position with another \(1 of them copies"):
+        read_volume(folder)
+
+
 def test_two_series_need_series_option(make_ct_series, tmp_path):
     root = tmp_path / "two"
     _, first = make_ct_series(root / "a", n=3, series_uid="1.2.3.4.100", description="first")

@@ -56,7 +56,7 @@ def register(app: typer.Typer) -> None:
         from d3ip_cli.io.volumes import D3ipWarning, output_format, read_volume, volume_summary, write_volume
 
         fmt = output_format(output, format)
-        check_output(output, overwrite, inputs=(input,))
+        check_output(output, overwrite, inputs=(input,), series=fmt == "dicom")
         check_output(sidecar_path(output), overwrite, inputs=(input,))
         record = RunRecord("convert")
         record["method"] = "convert"

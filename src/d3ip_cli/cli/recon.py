@@ -131,10 +131,6 @@ def register(app: typer.Typer) -> None:
             checkpoint_every=checkpoint_every, adapter=adapter, save_adapter=save_adapter, precision=precision)
         from d3ip_cli.engine import distributed
 
-        if resume and not checkpoint_dir:
-            from d3ip_cli.core.errors import UsageError
-
-            raise UsageError("--resume continues from --checkpoint-dir DIR: give the folder of the interrupted run")
         dev = resolve_device(device)
         if distributed.init_from_env(dev):
             dev = distributed.local_device(dev)
@@ -145,8 +141,11 @@ def register(app: typer.Typer) -> None:
         if is_measurement_path(input):  # the file fixes the acquisition: refuse options that would change it
             given = [f"--{n.replace('_', '-')}" for n in ACQUISITION_OPTIONS
                      if getattr(ctx.get_parameter_source(n), "name", None) == "COMMANDLINE"]
+            from d3ip_cli.core.errors import UsageError
+
+            if "--series" in given:
+                raise UsageError(f"--series picks one series of a DICOM folder; {input.name} is a measurement file")
             if given:
-                from d3ip_cli.core.errors import UsageError
 
                 raise UsageError(f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to {input.name}: a "
                                  "measurement file fixes the acquisition (--slices and --grid do apply)")
@@ -155,6 +154,10 @@ def register(app: typer.Typer) -> None:
 
             raise UsageError(f"--resume continues an interrupted diffusion run; {cfg.method} runs in one go, with "
                              "nothing to resume")
+        if resume and not checkpoint_dir:
+            from d3ip_cli.core.errors import UsageError
+
+            raise UsageError("--resume continues from --checkpoint-dir DIR: give the folder of the interrupted run")
         if output is None:
             if not input.exists():
                 from d3ip_cli.core.errors import InputDataError
@@ -166,18 +169,18 @@ def register(app: typer.Typer) -> None:
         from d3ip_cli.core.errors import UsageError
         from d3ip_cli.io.volumes import output_format
 
-        output_format(out_path, out_format)  # a bad --format or name fails now, not after the reconstruction
+        series_out = output_format(out_path, out_format) == "dicom"  # a bad --format or name fails now
         if report is not None and not str(report).lower().endswith(".png"):
             raise UsageError(f"--report {report}: the report is a PNG image; give a name ending in .png")
         check_distinct_outputs({"-o": out_path, "the run record": sidecar_path(out_path),
                                 "the standard-deviation map": engine.std_output_path(out_path) if cfg.samples > 1 else None,
                                 "--report": report, "--save-adapter": cfg.save_adapter,
                                 "--checkpoint-dir": cfg.checkpoint_dir})
-        inputs = (input,) + ((reference,) if reference is not None else ())
-        check_output(out_path, overwrite, inputs)
+        inputs = (input,) + ((reference,) if reference is not None else ()) + ((cfg.adapter,) if cfg.adapter else ())
+        check_output(out_path, overwrite, inputs, series=series_out)
         check_output(sidecar_path(out_path), overwrite, inputs)  # the run record beside it
         if cfg.samples > 1:  # the posterior standard-deviation map goes beside the output
-            check_output(engine.std_output_path(out_path), overwrite, inputs)
+            check_output(engine.std_output_path(out_path), overwrite, inputs, series=series_out)
         if report is not None:
             check_output(report, overwrite, inputs)
         from d3ip_cli.engine.diffusion import DIFFUSION_METHODS, check_adapter_options, check_grid_for_prior

@@ -548,7 +548,7 @@ def write_result(result: ReconResult, output: str | os.PathLike, *, overwrite: b
     The run record sidecar itself is written by the caller once the record is finished
     (:func:`write_record`).
     """
-    from d3ip_cli.io.atomic import _remove
+    from d3ip_cli.io.atomic import _remove, sidecar_path
     from d3ip_cli.io.volumes import D3ipWarning, write_volume
 
     written: list[Path] = []
@@ -572,6 +572,8 @@ def write_result(result: ReconResult, output: str | os.PathLike, *, overwrite: b
     except BaseException:
         for w in written:
             _remove(w)
+            if w.name.lower().endswith(".npy"):  # the NumPy writer's geometry sidecar goes with it
+                _remove(sidecar_path(w))
         raise
     if record is not None:
         for w in caught:

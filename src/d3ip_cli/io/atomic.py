@@ -42,19 +42,23 @@ OS_LITTER = (".DS_Store", "Thumbs.db", "desktop.ini")
 """Files an operating system's file browser leaves in any folder it shows."""
 
 
-def check_output(path: str | os.PathLike, overwrite: bool = False, inputs: tuple[str | os.PathLike, ...] = ()) -> Path:
+def check_output(path: str | os.PathLike, overwrite: bool = False, inputs: tuple[str | os.PathLike, ...] = (),
+                 series: bool = False) -> Path:
     """Fail early (exit 4) when ``path`` exists without ``overwrite``, is one of ``inputs`` (or a
     folder holding one), is a folder holding files d3ip did not write, or its folder is
     unwritable (probed with a real file, so read-only file systems are caught before any work
-    is done)."""
+    is done). With ``series`` (``path`` is a DICOM series folder), it is also refused inside an
+    input folder, where it would join the series read from it (so reading that input again would
+    fail). Other outputs may go there: the DICOM reader skips them. Beside a single DICOM file
+    input, which is read alone, any output may go."""
     p = Path(path)
     for src in inputs:
         src_r, p_r = Path(src).resolve(), p.resolve()
         if src_r == p_r or p_r in src_r.parents:
             raise OutputError(f"output {p} would replace the input {src}; give another output name")
-        if src_r.is_dir() and src_r in p_r.parents:  # a DICOM series folder: the output would join the series
-            raise OutputError(f"output {p} lies inside the input folder {src}, where it would join that series; "
-                              "give an output outside it")
+        if series and src_r.is_dir() and src_r in p_r.parents:
+            raise OutputError(f"output {p} lies inside the input's DICOM series folder {src}, where its files would "
+                              "join that series; give an output outside it")
     if p.exists() and not overwrite and not _empty_dir(p):
         raise OutputError(f"output {p} exists (use --overwrite to replace it)")
     if p.is_dir() and not p.is_symlink():
@@ -115,14 +119,14 @@ def os_error_text(exc: OSError) -> str:
     """One line saying why a write failed: the error's own text, without the traceback that
     some libraries (pydicom's element writer, h5py) fold into the message."""
     text = exc.strerror or str(exc) or type(exc).__name__
-    return text.strip().splitlines()[0]
+    return (text.strip().splitlines() or [type(exc).__name__])[0]
 
 
 def check_distinct_outputs(named: dict[str, str | os.PathLike | None]) -> None:
     """Refuse (exit 2) two outputs of one run that name the same path, or one inside another
     (``--report`` inside a DICOM ``-o`` folder), before any work: else the second write would
     fail after the run, or silently replace the first. Outputs may lie inside
-    ``--checkpoint-dir``, whose own files are the only ones it touches."""
+    ``--checkpoint-dir``, but not in the ``sample<k>`` folders that hold its own files."""
     from d3ip_cli.core.errors import UsageError
 
     items = [(label, Path(p).resolve()) for label, p in named.items() if p is not None]
@@ -131,8 +135,19 @@ def check_distinct_outputs(named: dict[str, str | os.PathLike | None]) -> None:
             if pa == pb:
                 raise UsageError(f"{a} and {b} name the same path {pa}: give each its own name")
             for (x, px), (y, py) in (((a, pa), (b, pb)), ((b, pb), (a, pa))):
-                if px in py.parents and x != "--checkpoint-dir":
+                if px not in py.parents:
+                    continue
+                if x != "--checkpoint-dir":
                     raise UsageError(f"{y} ({py}) lies inside {x} ({px}): give each its own place")
+                if _checkpoint_folder(py.relative_to(px).parts[0]):
+                    raise UsageError(f"{y} ({py}) lies inside {px / py.relative_to(px).parts[0]}, where --checkpoint-dir "
+                                     "keeps its sampler states: give it another place")
+
+
+def _checkpoint_folder(name: str) -> bool:
+    """``sample0``, ``sample1``, ...: the folders :class:`~d3ip_cli.engine.checkpointing.Checkpointer`
+    keeps a run's sampler states in, one per posterior sample."""
+    return name.startswith("sample") and name[len("sample"):].isdigit()
 
 
 def remove_outputs(record: Any) -> None:

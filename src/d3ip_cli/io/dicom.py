@@ -419,13 +419,14 @@ def assemble(slices: list[_Slice], label: str, *, strict: bool = True,
             if np.min(d) < 1e-3:
                 dup = int(np.sum(d < 1e-3))
                 copies = [(a, b) for a, b, gap in zip(slices, slices[1:], d) if gap < 1e-3 and a.uid and a.uid == b.uid]
-                if copies:
+                if copies and len(copies) == dup:  # every shared position is a copy: name them
                     a, b = copies[0]
                     raise InputDataError(
                         f"{label}: {len(copies)} file(s) are copies of another (the same SOPInstanceUID, e.g. "
                         f"{Path(a.source).name} and {Path(b.source).name}): remove the copies")
+                also = f" ({len(copies)} of them copies of another file)" if copies else ""
                 raise InputDataError(
-                    f"{label}: mixed series: {dup} slice(s) share a position with another (several echoes, time "
+                    f"{label}: mixed series: {dup} slice(s) share a position with another{also} (several echoes, time "
                     "points or acquisitions in one series); not a single 3D volume")
             v = (slices[-1].ipp - p0) / (len(slices) - 1)
             fatal += _spacing_problems(d, label)
