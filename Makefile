@@ -37,11 +37,11 @@ bench: setup
 	$(BIN)/python scripts/bench_unet.py
 	$(BIN)/python scripts/bench_memory.py
 
-# the README's results section: the quick suite (about 10 minutes on a 2-core CPU)
+# the README's results section: the quick suite (about 12 minutes on a 2-core CPU)
 bench-quick: setup
 	$(BIN)/d3ip benchmark --suite quick -o docs/results --overwrite
 
-# issue 5's quality claims at a CPU user's settings (128x128, fast preset; ~7 min with 2 threads)
+# issue 5's quality claims at a CPU user's settings (128x128, fast preset; ~10 min with 2 threads)
 bench-claims: setup
 	$(BIN)/d3ip benchmark --suite claims -o docs/claims --overwrite
 
