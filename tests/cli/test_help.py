@@ -80,3 +80,21 @@ def test_debug_is_accepted_before_or_after_any_command(tmp_path, where):
     plain = subprocess.run([sys.executable, "-m", "d3ip_cli", "info", str(bad)], capture_output=True, text=True,
                            timeout=120)
     assert plain.returncode == 3 and "Traceback" not in plain.stderr
+
+
+@pytest.mark.parametrize("args", [["reconstruct", "--help"], ["operators"]])
+def test_a_reader_that_closes_the_pipe_ends_the_command_quietly(args):
+    """`d3ip operators | head -1`: the reader closes stdout early, a normal end in a pipeline. The
+    command stops with 141 (as a shell reports SIGPIPE) and no 'internal error' on stderr, both for
+    help text (printed by Typer) and for a command's own output."""
+    import os
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # closed before the command writes anything: every write meets EPIPE
+    try:
+        r = subprocess.run([sys.executable, "-m", "d3ip_cli", *args], stdout=write_end, stderr=subprocess.PIPE,
+                           text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert r.returncode == 141, r.stderr
+    assert "error" not in r.stderr.lower() and "Traceback" not in r.stderr, r.stderr

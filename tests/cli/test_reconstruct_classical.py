@@ -418,3 +418,34 @@ def test_diffusion_options_are_refused_by_classical_methods(cli, anatomy, tmp_pa
 def test_options_of_the_task_are_accepted(cli, anatomy, tmp_path):
     _run(cli, [anatomy, "--task", "sparse-view", "--views", "20", "--noise", "poisson", "--i0", "1e5",
                "--method", "fbp", "--slices", "10:12", "-o", tmp_path / "sv.npy"])
+
+
+def test_a_reference_padded_below_air_is_scored_as_the_simulation_saw_it(cli, tmp_path):
+    """A CT padded with -3024 HU outside the field of view (as real head CTs are) is clipped to
+    -1024 HU before its data are simulated; the same file given as --reference (to a measurement
+    file or to a retrospective run) and as the reference of `d3ip metrics` is clipped the same way,
+    with a warning, so the three scores agree (unclipped, this scan scored ~14 dB lower)."""
+    import pydicom
+    import pydicom.data
+
+    ds = pydicom.dcmread(pydicom.data.get_testdata_file("CT_small.dcm"))
+    px = ds.pixel_array.copy()
+    yy, xx = np.mgrid[: px.shape[0], : px.shape[1]]
+    px[(yy - 64) ** 2 + (xx - 64) ** 2 > 60 ** 2] = -3024 + 1024  # stored value of -3024 HU (intercept -1024)
+    ds.PixelData = px.astype(np.int16).tobytes()
+    padded = tmp_path / "padded.dcm"
+    ds.save_as(padded)
+    meas = tmp_path / "sv.h5"
+    r = cli(["simulate", padded, "-o", meas, "--task", "sparse-view", "--views", "30"])
+    assert r.exit_code == 0 and "values below -1024 HU were clipped" in r.stderr, r.output
+    retro = cli(["reconstruct", padded, "--task", "sparse-view", "--views", "30", "--method", "fbp",
+                 "-o", tmp_path / "retro.nii.gz", "--json"])
+    from_file = cli(["reconstruct", meas, "--method", "fbp", "--reference", padded, "-o", tmp_path / "file.nii.gz",
+                     "--json"])
+    assert retro.exit_code == 0 and from_file.exit_code == 0, from_file.output
+    assert "--reference values below -1024 HU were clipped" in from_file.stderr
+    a, b = json.loads(retro.stdout)["metrics"], json.loads(from_file.stdout)["metrics"]
+    assert b["psnr"] == pytest.approx(a["psnr"], abs=1e-3) and b["data_range"] == pytest.approx(a["data_range"])
+    m = cli(["metrics", tmp_path / "file.nii.gz", padded, "--json"])
+    assert m.exit_code == 0 and "reference values below -1024 HU were clipped" in m.stderr
+    assert json.loads(m.stdout)["psnr"] == pytest.approx(a["psnr"], abs=1e-3)

@@ -199,3 +199,32 @@ def test_nifti_stored_grid_is_written_in_display_orientation(axes, dcm2niix, sam
     back = read_volume(out)
     same_grid(nifti_image(back), nifti_image(vol), atol=1e-4)
     same_grid(dcm2niix(out, tmp_path / "d2n"), nifti_image(vol), atol=1e-3)
+
+
+def test_the_source_slice_thickness_is_kept_apart_from_the_spacing(make_ct_series, tmp_path):
+    """5 mm slices every 2.5 mm (overlapping, as scanners reconstruct them): a derived series keeps
+    SliceThickness 5 and writes SpacingBetweenSlices 2.5; a volume with no DICOM source (NIfTI)
+    gets the spacing as its thickness."""
+    folder, _ = make_ct_series(tmp_path / "overlap", n=4, spacing=2.5)
+    assert float(pydicom.dcmread(next(folder.iterdir())).SliceThickness) == pytest.approx(5.0)
+    vol = read_volume(folder)
+    out = write_volume(vol, tmp_path / "derived")
+    for ds in _datasets(out):
+        assert float(ds.SliceThickness) == pytest.approx(5.0) and float(ds.SpacingBetweenSlices) == pytest.approx(2.5)
+    via_nifti = write_volume(read_volume(write_volume(vol, tmp_path / "v.nii.gz")), tmp_path / "from_nifti")
+    assert all(float(ds.SliceThickness) == pytest.approx(2.5) for ds in _datasets(via_nifti))
+
+
+def test_the_window_of_a_padded_ct_ignores_the_padding(tmp_path):
+    """A head CT padded with -3024 HU outside the field of view (as 693_UNCR.dcm is), written from a
+    NIfTI with no window of its own: the window spans the tissue, not the padding."""
+    rng = np.random.default_rng(0)
+    data = np.full((2, 64, 64), -3024.0, np.float32)
+    yy, xx = np.mgrid[:64, :64]
+    inside = (yy - 32) ** 2 + (xx - 32) ** 2 < 28 ** 2
+    data[:, inside] = rng.uniform(-1000.0, 80.0, size=(2, int(inside.sum())))
+    vol = Volume(data, np.diag([0.5, 0.5, 2.0, 1.0]), {"modality": "CT", "units": "HU"})
+    out = write_volume(vol, tmp_path / "padded")
+    ds = _datasets(out)[0]
+    lo = float(ds.WindowCenter) - float(ds.WindowWidth) / 2
+    assert -1024.0 <= lo < -900.0 and float(ds.WindowWidth) < 1300.0, (ds.WindowCenter, ds.WindowWidth)

@@ -7,6 +7,7 @@ the exit code of their class; heavy imports happen inside command bodies.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -19,6 +20,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from d3ip_cli.core.errors import (
+    EXIT_CLOSED_PIPE,
     EXIT_INTERNAL,
     EXIT_INTERRUPTED,
     EXIT_RESOURCE,
@@ -133,6 +135,16 @@ def _fail(message: str, code: int) -> typer.Exit:
     return typer.Exit(code)
 
 
+def closed_pipe() -> typer.Exit:
+    """The reader of stdout closed it early (``d3ip operators | head -1``): a normal end in a shell
+    pipeline, not a bug. Nothing more is printed (stdout goes to /dev/null so that Python's own
+    flush at exit stays quiet); exit 141, as a shell reports a tool stopped by SIGPIPE."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    return typer.Exit(EXIT_CLOSED_PIPE)
+
+
 def guarded(fn: Callable) -> Callable:
     """Turn foreseen failures into one stderr line and a documented exit code."""
 
@@ -148,6 +160,8 @@ def guarded(fn: Callable) -> Callable:
             raise _fail(str(exc), exc.exit_code) from None
         except KeyboardInterrupt:
             raise _fail("interrupted", EXIT_INTERRUPTED) from None
+        except BrokenPipeError:
+            raise closed_pipe() from None
         except MemoryError:
             raise _fail("out of memory: try fewer slices (--slices A:B) or a smaller grid (--grid N)", EXIT_RESOURCE) from None
         except Exception as exc:  # noqa: BLE001 - the single top-level handler

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from d3ip_cli.cli._common import JsonOpt, emit_json, guarded
+from d3ip_cli.cli._common import JsonOpt, emit_json, guarded, warn
 
 
 def register(app: typer.Typer) -> None:
@@ -24,10 +24,15 @@ def register(app: typer.Typer) -> None:
 
         PSNR is over the whole volume, SSIM the mean of axial-slice SSIMs (scikit-image), both
         with an explicit data range; z_rel_l2 is the relative L2 error of slice-to-slice differences.
+        A CT reference padded below -1024 HU outside the field of view is clipped there (with a
+        warning), as reconstruct clips its input.
 
         Example: d3ip metrics recon.nii.gz truth.nii.gz --json
         """
+        import numpy as np
+
         from d3ip_cli.bench.metrics import volume_metrics
+        from d3ip_cli.engine.intensity import HU_FLOOR
         from d3ip_cli.io.volumes import check_same_grid, read_volume, reorient_like
 
         x = read_volume(recon)
@@ -37,8 +42,18 @@ def register(app: typer.Typer) -> None:
             r = reorient_like(read_volume(reference), x.affine)
         if x.shape == r.shape:
             check_same_grid(x, r)
-        doc = volume_metrics(x.data, r.data, data_range=data_range)
+        ref, notes = r.data, []
+        if (r.modality == "CT" or r.meta.get("units") == "HU") and np.min(r.data) < HU_FLOOR:
+            # a scanner's padding outside the field of view (e.g. -3024 HU), which reconstruct clips too
+            ref = np.maximum(r.data, np.float32(HU_FLOOR))
+            notes.append(f"reference values below {HU_FLOOR:g} HU were clipped (outside the field of view), as "
+                         "reconstruct clips its input")
+        doc = volume_metrics(x.data, ref, data_range=data_range)
         doc = {"recon": str(recon), "reference": str(reference), **doc}
+        if notes:
+            doc["warnings"] = notes
+        for note in notes:
+            warn(note)
         if json_out:
             emit_json(doc)
             return

@@ -28,6 +28,7 @@ EXIT_OUTPUT = 4
 EXIT_RESOURCE = 5
 EXIT_MISSING = 6
 EXIT_INTERRUPTED = 130
+EXIT_CLOSED_PIPE = 141  # 128 + SIGPIPE, as a shell reports a tool that its reader closed on (`| head`)
 
 
 class D3ipError(Exception):

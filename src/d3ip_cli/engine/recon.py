@@ -322,6 +322,7 @@ def problem_from_measurement(meas: Measurement, cfg: ReconConfig, *, device: tor
         if ref.shape != tuple(meas.image_shape):
             raise InputDataError(f"--reference has shape {list(ref.shape)}, the reconstruction grid is "
                                  f"{list(meas.image_shape)}")
+        ref = clip_reference(ref, scale, notes)
     return Problem(op=op, y=y, task=task, scale=scale, affine=meas.affine, meta=dict(meas.meta),
                    reference=ref, retrospective=bool(meas.provenance.get("retrospective")), from_file=True,
                    measurement=meas, warnings=notes)
@@ -379,8 +380,19 @@ def load_problem(input_path: str | os.PathLike, cfg: ReconConfig, *, device: tor
         if ref.shape != vol.shape:
             raise InputDataError(f"--reference has shape {list(ref.shape)}, the reconstruction grid is {list(vol.shape)}")
         check_same_grid(vol, ref, what="--reference")
-        problem.reference = np.asarray(ref.data, dtype=np.float32)
+        problem.reference = clip_reference(np.asarray(ref.data, dtype=np.float32), problem.scale, problem.warnings)
     return problem
+
+
+def clip_reference(ref: np.ndarray, scale: IntensityScale, notes: list[str]) -> np.ndarray:
+    """A ``--reference`` clipped as the simulated image was (CT below -1024 HU: the padding
+    outside a scanner's field of view), so that it is scored against what the data can show;
+    a note says so. Without it, a head CT padded with -3024 HU scores ~14 dB lower."""
+    if scale.clip_min is None or not np.any(ref < scale.clip_min):
+        return ref
+    notes.append(f"--reference values below {scale.clip_min:g} {scale.units} were clipped, as the measured "
+                 "image's were (outside the field of view)")
+    return np.maximum(ref, np.float32(scale.clip_min))
 
 
 # ---------------------------------------------------------------------------------------

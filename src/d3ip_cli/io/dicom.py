@@ -638,6 +638,9 @@ def read_dicom(path: str | os.PathLike, *, series: str | None = None, strict: bo
         "problems": problems,
         "dicom": _meta_from_ds(first),
     }
+    thick = {round(float(s.thickness), 4) for s in slices if s.thickness and s.thickness > 0}
+    if len(thick) == 1:  # the nominal slice thickness, which may differ from the spacing (5 mm every 20 mm)
+        meta["dicom"]["SliceThickness"] = thick.pop()
     if modality == "CT" and not has_rescale:
         problems.append("CT without RescaleSlope/Intercept: stored values kept (units unknown)")
     if not strict:
@@ -712,9 +715,21 @@ def series_description(description: str | None) -> str:
     return text[:64]
 
 
+def _thickness(src: dict[str, Any], dz: float) -> float:
+    """SliceThickness of a derived slice: the source series' own (a reconstruction keeps each
+    slice's sampling), else the spacing between slices."""
+    try:
+        value = float(src.get("SliceThickness") or 0.0)
+    except (TypeError, ValueError):
+        value = 0.0
+    return value if value > 0 else dz
+
+
 def _window(volume: Volume, slope: float) -> tuple[float, float]:
     d = volume.data
     src = volume.meta.get("dicom", {}) if isinstance(volume.meta.get("dicom"), dict) else {}
+    if volume.modality == "CT" and np.any(d >= -1024.0) and np.any(d < -1024.0):
+        d = d[d >= -1024.0]  # a scanner's padding outside the field of view (-3024 HU) is not shown
     lo, hi = np.percentile(d, [0.5, 99.5]) if d.size > 1 else (float(d.min()), float(d.max()))
     lo, hi = float(lo), float(hi)
     if hi <= lo:
@@ -818,6 +833,8 @@ def write_dicom_series(volume: Volume, path: str | os.PathLike, *, overwrite: bo
         if src.get("Laterality"):
             ds.Laterality = src["Laterality"]
         elif not src.get("BodyPartExamined"):
+            # Type 2C: with no body part, dciodvfy cannot tell whether it is paired and reports an
+            # absent Laterality as an error; an empty one ("unknown") is only a warning
             ds.Laterality = ""
         ds.Manufacturer = src.get("Manufacturer", "")
         if src.get("InstitutionName"):
@@ -857,7 +874,7 @@ def write_dicom_series(volume: Volume, path: str | os.PathLike, *, overwrite: bo
         ds.PositionReferenceIndicator = src.get("PositionReferenceIndicator", "")
         ds.ImageOrientationPatient = [_ds(x) for x in np.concatenate([r, c])]
         ds.PixelSpacing = [_ds(d_row), _ds(d_col)]
-        ds.SliceThickness = _ds(dz)
+        ds.SliceThickness = _ds(_thickness(src, dz))
         ds.SpacingBetweenSlices = _ds(dz)
         ds.SamplesPerPixel = 1
         ds.PhotometricInterpretation = "MONOCHROME2"
