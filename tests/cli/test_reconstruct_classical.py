@@ -449,3 +449,15 @@ def test_a_reference_padded_below_air_is_scored_as_the_simulation_saw_it(cli, tm
     m = cli(["metrics", tmp_path / "file.nii.gz", padded, "--json"])
     assert m.exit_code == 0 and "reference values below -1024 HU were clipped" in m.stderr
     assert json.loads(m.stdout)["psnr"] == pytest.approx(a["psnr"], abs=1e-3)
+    # the same reference as a NIfTI that records no units (as dcm2niix writes one): its values tell
+    import nibabel as nib
+
+    from d3ip_cli.io.volumes import read_volume
+
+    ref = read_volume(padded)
+    plain = tmp_path / "plain.nii.gz"
+    nib.save(nib.Nifti1Image(np.transpose(ref.data, (2, 1, 0)), np.diag([1.0, 1.0, 1.0, 1.0])), plain)
+    plain_out = cli(["convert", tmp_path / "file.nii.gz", "-o", tmp_path / "file.npy"])  # any CT-in-HU recon
+    assert plain_out.exit_code == 0, plain_out.output
+    m = cli(["metrics", tmp_path / "file.npy", plain, "--json"])
+    assert m.exit_code == 0 and "reference values below -1024 HU were clipped" in m.stderr, m.output

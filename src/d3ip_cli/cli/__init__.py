@@ -103,10 +103,8 @@ def main(argv: list[str] | None = None) -> None:
         args = [a for a in head if a != "--debug"] + args[len(head):]
     try:
         code = app(args=args, prog_name="d3ip", standalone_mode=False)
-    except BrokenPipeError:  # any output outside a command read by `| head`
-        sys.exit(_common.closed_pipe().exit_code)
     except SystemExit as exc:  # Typer ends a closed pipe while printing help with exit 1: say 141, as commands do
-        if exc.code == 1 and isinstance(exc.__context__, BrokenPipeError):
+        if exc.code == 1 and isinstance(exc.__context__, BrokenPipeError) and _common.stdout_closed():
             sys.exit(_common.closed_pipe().exit_code)
         raise
     except click_error as exc:

@@ -140,9 +140,26 @@ def closed_pipe() -> typer.Exit:
     pipeline, not a bug. Nothing more is printed (stdout goes to /dev/null so that Python's own
     flush at exit stays quiet); exit 141, as a shell reports a tool stopped by SIGPIPE."""
     with contextlib.suppress(OSError, ValueError):
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        if sys.stdout.fileno() == 1:  # the process's own stdout (not a test runner's capture)
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 1)
     return typer.Exit(EXIT_CLOSED_PIPE)
+
+
+def stdout_closed() -> bool:
+    """Whether the reader of this process's stdout has gone: a pipe whose read end is closed
+    polls as an error for writing; rich, meeting it first, has already pointed fd 1 at
+    /dev/null (and raised SystemExit(1))."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(1, select.POLLOUT)
+        if any(ev & select.POLLERR for _, ev in poller.poll(0)):
+            return True
+        return os.path.samestat(os.fstat(1), os.stat(os.devnull))
+    except (OSError, ValueError, AttributeError):  # no poll (Windows), no fd 1
+        return False
 
 
 def guarded(fn: Callable) -> Callable:
@@ -161,6 +178,8 @@ def guarded(fn: Callable) -> Callable:
         except KeyboardInterrupt:
             raise _fail("interrupted", EXIT_INTERRUPTED) from None
         except BrokenPipeError:
+            if not stdout_closed():
+                raise  # another pipe broke (a worker, a FIFO output): not the reader of stdout
             raise closed_pipe() from None
         except MemoryError:
             raise _fail("out of memory: try fewer slices (--slices A:B) or a smaller grid (--grid N)", EXIT_RESOURCE) from None

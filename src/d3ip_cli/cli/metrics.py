@@ -32,7 +32,7 @@ def register(app: typer.Typer) -> None:
         import numpy as np
 
         from d3ip_cli.bench.metrics import volume_metrics
-        from d3ip_cli.engine.intensity import HU_FLOOR
+        from d3ip_cli.engine.intensity import HU_FLOOR, hu_by_values
         from d3ip_cli.io.volumes import check_same_grid, read_volume, reorient_like
 
         x = read_volume(recon)
@@ -43,7 +43,11 @@ def register(app: typer.Typer) -> None:
         if x.shape == r.shape:
             check_same_grid(x, r)
         ref, notes = r.data, []
-        if (r.modality == "CT" or r.meta.get("units") == "HU") and np.min(r.data) < HU_FLOOR:
+        def in_hu(v) -> bool:
+            return v.modality == "CT" or v.meta.get("units") == "HU"
+
+        ref_hu = in_hu(r) or (in_hu(x) and hu_by_values(r.data, r.modality, str(r.meta.get("units", "a.u.")), "CT"))
+        if ref_hu and np.min(r.data) < HU_FLOOR:  # (a dcm2niix NIfTI records no units: its values tell)
             # a scanner's padding outside the field of view (e.g. -3024 HU), which reconstruct clips too
             ref = np.maximum(r.data, np.float32(HU_FLOOR))
             notes.append(f"reference values below {HU_FLOOR:g} HU were clipped (outside the field of view), as "
