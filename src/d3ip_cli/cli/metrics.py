@@ -29,10 +29,8 @@ def register(app: typer.Typer) -> None:
 
         Example: d3ip metrics recon.nii.gz truth.nii.gz --json
         """
-        import numpy as np
-
         from d3ip_cli.bench.metrics import volume_metrics
-        from d3ip_cli.engine.intensity import HU_FLOOR, hu_by_values
+        from d3ip_cli.engine.intensity import clip_reference, scale_for_volume
         from d3ip_cli.io.volumes import check_same_grid, read_volume, reorient_like
 
         x = read_volume(recon)
@@ -42,16 +40,12 @@ def register(app: typer.Typer) -> None:
             r = reorient_like(read_volume(reference), x.affine)
         if x.shape == r.shape:
             check_same_grid(x, r)
-        ref, notes = r.data, []
-        def in_hu(v) -> bool:
-            return v.modality == "CT" or v.meta.get("units") == "HU"
-
-        ref_hu = in_hu(r) or (in_hu(x) and hu_by_values(r.data, r.modality, str(r.meta.get("units", "a.u.")), "CT"))
-        if ref_hu and np.min(r.data) < HU_FLOOR:  # (a dcm2niix NIfTI records no units: its values tell)
-            # a scanner's padding outside the field of view (e.g. -3024 HU), which reconstruct clips too
-            ref = np.maximum(r.data, np.float32(HU_FLOOR))
-            notes.append(f"reference values below {HU_FLOOR:g} HU were clipped (outside the field of view), as "
-                         "reconstruct clips its input")
+        # the reference read as reconstruct reads its input (a CT in HU, or values that say so when
+        # the reconstruction is CT, as a dcm2niix NIfTI's do), and clipped the same way
+        modality = "CT" if x.modality == "CT" or x.meta.get("units") == "HU" else r.modality
+        scale = scale_for_volume(r.data, r.modality, str(r.meta.get("units", "a.u.")), modality)
+        notes: list[str] = []
+        ref = clip_reference(r.data, scale, notes, what="reference")
         doc = volume_metrics(x.data, ref, data_range=data_range)
         doc = {"recon": str(recon), "reference": str(reference), **doc}
         if notes:

@@ -146,7 +146,6 @@ def register(app: typer.Typer) -> None:
             if "--series" in given:
                 raise UsageError(f"--series picks one series of a DICOM folder; {input.name} is a measurement file")
             if given:
-
                 raise UsageError(f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to {input.name}: a "
                                  "measurement file fixes the acquisition (--slices and --grid do apply)")
         if get_method(cfg.method, task_name).classical and resume:

@@ -41,7 +41,7 @@ from d3ip_cli.core.config import ReconConfig, TaskOptions, NoiseOptions, parse_s
 from d3ip_cli.core.device import make_generator
 from d3ip_cli.core.errors import InputDataError, UsageError
 from d3ip_cli.core.types import Volume
-from d3ip_cli.engine.intensity import IntensityScale, scale_for_image, scale_for_volume
+from d3ip_cli.engine.intensity import IntensityScale, clip_reference, scale_for_image, scale_for_volume
 from d3ip_cli.io.measurement import Measurement, is_measurement_path, read_measurement
 
 Progress = Callable[[int, int, dict], None]
@@ -382,17 +382,6 @@ def load_problem(input_path: str | os.PathLike, cfg: ReconConfig, *, device: tor
         check_same_grid(vol, ref, what="--reference")
         problem.reference = clip_reference(np.asarray(ref.data, dtype=np.float32), problem.scale, problem.warnings)
     return problem
-
-
-def clip_reference(ref: np.ndarray, scale: IntensityScale, notes: list[str]) -> np.ndarray:
-    """A ``--reference`` clipped as the simulated image was (CT below -1024 HU: the padding
-    outside a scanner's field of view), so that it is scored against what the data can show;
-    a note says so. Without it, a head CT padded with -3024 HU scores ~14 dB lower."""
-    if scale.clip_min is None or not np.any(ref < scale.clip_min):
-        return ref
-    notes.append(f"--reference values below {scale.clip_min:g} {scale.units} were clipped, as the measured "
-                 "image's were (outside the field of view)")
-    return np.maximum(ref, np.float32(scale.clip_min))
 
 
 # ---------------------------------------------------------------------------------------
