@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from d3ip_cli.bench.metrics import volume_metrics
+from d3ip_cli.baselines.tv import tv as tv_baseline
 from d3ip_cli.bench.runner import _write_phantom, example_path
 from d3ip_cli.core.config import ReconConfig
 from d3ip_cli.engine import diffusion
@@ -118,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--views", type=int, default=30)
     ap.add_argument("--arc", type=float, default=90.0)
     ap.add_argument("--acceleration", type=float, default=4.0)
+    ap.add_argument("--mask", default="uniform1d", help="cs-mri: uniform1d, gaussian1d or poisson2d")
     ap.add_argument("--slices", default=None)
     ap.add_argument("--n-slices", type=int, default=8, help="phantom slices")
     ap.add_argument("--grid", type=int, default=128)
@@ -129,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--csv", default=None, help="append rows to this CSV")
     ap.add_argument("--trajectory", action="store_true", help="per-step PSNR of x̂0 and x̃0 for dds variants")
     ap.add_argument("--real-image", action="store_true", help="MRI: constrain every method to real images")
+    ap.add_argument("--tv2d", action="store_true",
+                    help="also report tv with the through-slice weight 0 (each slice alone; tuned like tv)")
     args = ap.parse_args(argv)
 
     tmp = Path(tempfile.mkdtemp(prefix="d3ip-study-"))
@@ -140,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         path = _write_phantom(tmp, args.n_slices, args.grid, args.seed + 100)
     else:
         path = Path(args.volume)
-    opts = {"views": args.views, "arc": args.arc, "acceleration": args.acceleration}
+    opts = {"views": args.views, "arc": args.arc, "acceleration": args.acceleration, "mask": args.mask}
     cfg = ReconConfig(task=args.task, method="cgls", slices=args.slices, grid=args.grid,
                       seed=args.seed, **opts)
     problem = load_problem(path, cfg)
@@ -153,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     model.eval()
     print(f"# {path.name} {args.task} {opts} slices={args.slices} grid={args.grid} z={ref.shape[0]} "
           f"prior={Path(prior).name} steps={meta.get('steps')} preset={args.preset}"
-          + (" real-image" if args.real_image else ""), flush=True)
+          + (" real-image" if args.real_image else "") + (f" mask={args.mask}" if args.task == "cs-mri" else ""),
+          flush=True)
 
     rows = []
 
@@ -163,19 +168,23 @@ def main(argv: list[str] | None = None) -> int:
         row = {"volume": args.volume, "task": args.task, "views": args.views, "grid": args.grid,
                "slices": ref.shape[0], "variant": name, "psnr": m["psnr"], "ssim": m["ssim"],
                "z_rel_l2": m["z_rel_l2"], "seconds": round(seconds, 1),
-               "settings": (extra + " real-image").strip() if args.real_image else extra,
+               "settings": " ".join(filter(None, [extra, "real-image" if args.real_image else "",
+                                                  f"mask={args.mask}" if args.task == "cs-mri" else ""])),
                "prior_steps": meta.get("steps")}
         rows.append(row)
         print(f"{name:24s} psnr {m['psnr']:7.3f}  ssim {m['ssim']:.4f}  z-err {m['z_rel_l2']:.4f}  "
               f"{seconds:6.1f} s  {extra}", flush=True)
 
-    for method in ("cgls", "tv"):
-        weights = [None] if method == "cgls" else [float(w) for w in args.tv_weights.split(",")]
+    tv_weights = [float(w) for w in args.tv_weights.split(",")]
+    for method in ("cgls", "tv") + (("tv2d",) if args.tv2d else ()):
+        weights = [None] if method == "cgls" else tv_weights
         best = None
         for w in weights:
-            c = cfg.model_copy(update={"method": method, "weight": w})
             t0 = time.perf_counter()
-            x, x_init = run_method(problem, c)
+            if method == "tv2d":  # the tv baseline's own defaults, slices decoupled
+                x = tv_baseline(problem.op, problem.y, weight=w, weight_z=0.0)
+            else:
+                x, _ = run_method(problem, cfg.model_copy(update={"method": method, "weight": w}))
             dt = time.perf_counter() - t0
             p = volume_metrics(to_volume(x, problem, method).data, ref)["psnr"]
             if best is None or p > best[0]:
