@@ -397,13 +397,16 @@ def test_a_modality_mismatch_is_noted(cli, ct_slice, tmp_path):
     (["--task", "cs-mri", "--views", "30"], "--views"),
     (["--task", "sparse-view", "--noise", "poisson", "--sigma", "0.5"], "--sigma"),
     (["--task", "sparse-view", "--i0", "1e4"], "--i0"),
+    (["--task", "cs-mri", "--backend", "native"], "--backend"),
 ])
 def test_options_of_another_task_are_refused_not_ignored(cli, anatomy, tmp_path, args, flag):
     for command, out in (("reconstruct", tmp_path / "o.npy"), ("simulate", tmp_path / "o.h5")):
         extra = ["--method", "fbp" if "cs-mri" not in args else "zero-filled"] if command == "reconstruct" else []
         r = cli([command, anatomy, *args, *extra, "--slices", "10:12", "-o", out])
         assert r.exit_code == 2, (command, r.output)
-        assert r.stderr.strip().splitlines()[-1].startswith(f"error: {flag} does not apply")
+        last = r.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"error: {flag} does not apply")
+        assert ("--noise" in last) == (flag in ("--sigma", "--i0")), last  # names what it does not apply to
         assert not out.exists()
 
 
@@ -461,3 +464,40 @@ def test_a_reference_padded_below_air_is_scored_as_the_simulation_saw_it(cli, tm
     assert plain_out.exit_code == 0, plain_out.output
     m = cli(["metrics", tmp_path / "file.npy", plain, "--json"])
     assert m.exit_code == 0 and "reference values below -1024 HU were clipped" in m.stderr, m.output
+
+
+@pytest.mark.parametrize("fmt", ["nifti", "npy", "dicom"])
+def test_an_interrupt_while_the_output_is_hashed_leaves_nothing(cli, anatomy, tmp_path, monkeypatch, fmt):
+    """Ctrl-C after the volume is in place but before its run record is: exit 130 and no output
+    without its record (a tester hit this window with `convert` of a large series)."""
+    import d3ip_cli.core.record as R
+
+    real = R.sha256_path
+
+    def interrupted(path):
+        if "inp" not in str(path):  # the input's hash goes through; the output's is interrupted
+            raise KeyboardInterrupt
+        return real(path)
+
+    monkeypatch.setattr(R, "sha256_path", interrupted)
+    src = shutil.copy(anatomy, tmp_path / "inp.nii")
+    out = tmp_path / "out"
+    out.mkdir()
+    name = {"nifti": "r.nii.gz", "npy": "r.npy", "dicom": "r"}[fmt]
+    for cmd in (["convert", src], ["reconstruct", src, "--task", "sparse-view", "--method", "fbp"]):
+        r = cli([*cmd, "-o", out / name, "--format", fmt])
+        assert r.exit_code == 130 and r.stderr.strip().endswith("error: interrupted"), r.output
+        assert sorted(p.name for p in out.iterdir()) == [], (cmd[0], sorted(p.name for p in out.iterdir()))
+
+
+def test_warnings_known_from_the_input_come_before_the_run(cli, tmp_path):
+    """A long run should not say only at its end that its input is an MR image given to a CT task."""
+    example = Path(__file__).resolve().parents[2] / "examples" / "mni_t1.nii.gz"
+    r = cli(["reconstruct", example, "--task", "sparse-view", "--slices", "8:10", "--grid", "32", "--method", "fbp",
+             "--prior", "x.safetensors", "-o", tmp_path / "r.nii.gz"])
+    assert r.exit_code == 0, r.output
+    lines = r.stderr.strip().splitlines()
+    mr = [i for i, line in enumerate(lines) if "the input is an MR image" in line]
+    run = [i for i, line in enumerate(lines) if line.startswith("fbp:")]
+    assert len(mr) == 1 and run and mr[0] < run[0], lines  # said once, before the progress
+    assert lines[-1].startswith("wrote ") and any("--prior is ignored" in line for line in lines)

@@ -194,6 +194,23 @@ def test_an_existing_std_map_is_refused_before_sampling(cli, prior, volume, tmp_
     assert (tmp_path / "r_std.npy").read_bytes() == b"keep" and not out.exists()
 
 
+def test_an_empty_folder_at_a_file_output_is_refused_before_sampling(cli, prior, volume, tmp_path):
+    """`mkdir r.nii.gz` by mistake: refused (exit 4) before the sampler runs, for reconstruct and
+    convert alike; only a DICOM series may go into an empty folder."""
+    for name in ("r.nii.gz", "r.npy"):
+        out = tmp_path / name
+        out.mkdir()
+        r = cli(["reconstruct", volume, "--task", "sparse-view", "--views", "16", "--prior", prior, "--method", "dds",
+                 "--steps", "2", "-o", out])
+        assert r.exit_code == 4 and f"{name} exists" in r.stderr and "dds:" not in r.output, r.output
+        assert out.is_dir() and not any(out.iterdir()) and not (tmp_path / f"{name}.json").exists()
+        r = cli(["convert", volume, "-o", out])
+        assert r.exit_code == 4 and f"{name} exists" in r.stderr, r.output
+    series = tmp_path / "series"
+    series.mkdir()
+    assert cli(["convert", volume, "-o", series, "--format", "dicom"]).exit_code == 0 and any(series.glob("*.dcm"))
+
+
 def test_precision_is_recorded_resolved_and_a_bad_one_refused(cli, prior, volume, tmp_path):
     base = ["reconstruct", volume, "--task", "sparse-view", "--views", "16", "--prior", prior, "--method", "dds",
             "--steps", "2", "--json"]
@@ -257,8 +274,13 @@ def test_adapter_options_are_checked_before_any_work(cli, prior, volume, tmp_pat
     assert len(saved_entry) == 1 and saved_entry[0]["sha256"] == sha256_path(tmp_path / "no" / "dir" / "a.safetensors")
     r = cli([*base, "--adapter", tmp_path / "no" / "dir" / "a.safetensors", "-o", tmp_path / "o3b.npy"])
     assert r.exit_code == 0, r.output
-    inputs = json.loads((tmp_path / "o3b.npy.json").read_text())["inputs"]  # a reused adapter is an input
+    doc = json.loads((tmp_path / "o3b.npy.json").read_text())
+    inputs = doc["inputs"]  # a reused adapter is an input
     assert [i["sha256"] for i in inputs if i["role"] == "adapter"] == [saved_entry[0]["sha256"]]
+    assert not [w for w in doc["warnings"] if "--adapter" in w]  # same task: nothing to say
+    mri = ["reconstruct", volume, "--task", "cs-mri", "--prior", prior, "--steps", "2", "--adapt-iters", "1"]
+    r = cli([*mri, "--adapter", tmp_path / "no" / "dir" / "a.safetensors", "-o", tmp_path / "o3m.npy"])
+    assert r.exit_code == 0 and "was adapted on --task sparse-view data; this run is --task cs-mri" in r.stderr, r.output
     before = saved.read_bytes() if (saved := tmp_path / "no" / "dir" / "a.safetensors").exists() else None
     r = cli([*base, "--adapter", saved, "--save-adapter", saved, "--overwrite", "-o", tmp_path / "o3c.npy"])
     assert r.exit_code == 4 and "would replace the input" in r.stderr, r.output  # the adapter read is an input

@@ -11,12 +11,25 @@ from d3ip_cli.io.atomic import atomic_output, check_output
 def test_an_empty_folder_made_beforehand_takes_a_folder_output(tmp_path):
     out = tmp_path / "series"
     out.mkdir()
-    check_output(out)  # `mkdir out` first is a common habit
+    check_output(out, series=True)  # `mkdir out` first is a common habit
     with atomic_output(out, directory=True) as tmp:
         (tmp / "IM00001.dcm").write_bytes(b"x")
     assert (out / "IM00001.dcm").read_bytes() == b"x"
     with pytest.raises(OutputError, match="exists"):  # now it holds an output: refused again
+        check_output(out, series=True)
+
+
+def test_an_empty_folder_at_a_file_output_is_refused_before_any_work(tmp_path):
+    """A NIfTI or NumPy output cannot go where a folder is: refused up front, not after the run
+    with "appeared while writing"."""
+    out = tmp_path / "recon.nii.gz"
+    out.mkdir()
+    with pytest.raises(OutputError, match=r"output .*recon.nii.gz exists \(use --overwrite"):
         check_output(out)
+    with pytest.raises(OutputError, match="exists"):
+        with atomic_output(out) as tmp:
+            tmp.write_bytes(b"x")
+    assert out.is_dir() and not any(out.iterdir())
 
 
 def test_a_folder_with_anything_in_it_or_a_file_is_not_replaced(tmp_path):

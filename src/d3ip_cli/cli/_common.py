@@ -203,8 +203,8 @@ def _is_oom(exc: BaseException) -> bool:
 
 # the acquisition options each task uses; any other one given on the command line is refused
 TASK_ACQUISITION: dict[str, set[str]] = {
-    "sparse-view": {"views"},
-    "limited-angle": {"arc"},
+    "sparse-view": {"views", "backend"},
+    "limited-angle": {"arc", "backend"},
     "cs-mri": {"acceleration", "mask", "center_fraction", "coils"},
 }
 NOISE_ACQUISITION: dict[str, set[str]] = {"poisson": {"i0"}, "gaussian": {"sigma"}}
@@ -215,11 +215,19 @@ def check_acquisition_options(ctx: typer.Context, task: str, noise: str) -> None
     ``--noise``) would silently ignore, e.g. ``--views`` with ``--task limited-angle``."""
     from d3ip_cli.core.errors import UsageError
 
-    owner = {n: f"--task {t}" for t, names in TASK_ACQUISITION.items() for n in names}
-    owner |= {n: f"--noise {k}" for k, names in NOISE_ACQUISITION.items() for n in names}
+    owners: dict[str, list[str]] = {}
+    for t, names in TASK_ACQUISITION.items():
+        for n in names:
+            owners.setdefault(n, []).append(f"--task {t}")
+    for k, names in NOISE_ACQUISITION.items():
+        for n in names:
+            owners.setdefault(n, []).append(f"--noise {k}")
     used = TASK_ACQUISITION.get(task, set()) | NOISE_ACQUISITION.get((noise or "none").lower(), set())
-    unused = sorted(n for n in owner if n not in used
+    unused = sorted(n for n in owners if n not in used
                     and getattr(ctx.get_parameter_source(n), "name", None) == "COMMANDLINE")
     if unused:
-        raise UsageError(f"--{unused[0].replace('_', '-')} does not apply to --task {task} with --noise "
-                         f"{noise or 'none'} (it is an option of {owner[unused[0]]})")
+        n = unused[0]
+        given = f"--noise {noise or 'none'}" if n in {m for names in NOISE_ACQUISITION.values() for m in names} \
+            else f"--task {task}"
+        raise UsageError(f"--{n.replace('_', '-')} does not apply to {given} (it is an option of "
+                         f"{' and '.join(owners[n])})")

@@ -77,15 +77,16 @@ def register(app: typer.Typer) -> None:
         for note in notes:
             warn(note)
             record.warn(note)
-        doc_volume = geometry_doc(volume, description)
-        doc_volume.update({k: v for k, v in volume_summary(volume).items() if k in ("value_range", "mean", "std")})
-        record["volume"] = doc_volume
-        record.add_output(output)
-        doc = record.finish()
-        try:
+        try:  # the output stands only with its run record: an interrupt while hashing or writing it removes both
+            doc_volume = geometry_doc(volume, description)
+            doc_volume.update({k: v for k, v in volume_summary(volume).items() if k in ("value_range", "mean", "std")})
+            record["volume"] = doc_volume
+            record.add_output(output)
+            doc = record.finish()
             write_json(sidecar_path(output), doc, overwrite=True)
         except BaseException:
             _remove(output)
+            _remove(sidecar_path(output))  # a .npy output's geometry sidecar
             raise
         if json_out:
             emit_json(doc)

@@ -196,8 +196,16 @@ def register(app: typer.Typer) -> None:
             record.add_input(reference, role="reference")
         if cfg.adapter:
             record.add_input(cfg.adapter, role="adapter")
+        shown: list[str] = []  # warnings known from the input are said before the run, not after it
+
+        def early(w: str) -> None:
+            if rank == 0:
+                warn(w)
+                shown.append(w)
+
         with progress_bar(cfg.method, disable=rank != 0) as cb:
-            result = engine.reconstruct(input, cfg, device=dev, record=record, progress=cb, reference_path=reference)
+            result = engine.reconstruct(input, cfg, device=dev, record=record, progress=cb, reference_path=reference,
+                                        on_warning=early)
         if rank != 0:  # rank 0 gathered the slices and writes
             distributed.barrier()
             return
@@ -214,7 +222,10 @@ def register(app: typer.Typer) -> None:
         if world_size > 1:
             distributed.barrier()
         for w in record["warnings"]:  # on stderr with --json too; before the summary, so the last line says what was written
-            warn(w)
+            if w in shown:
+                shown.remove(w)
+            else:
+                warn(w)
         if json_out:
             emit_json(record.doc)
             return

@@ -641,7 +641,11 @@ def run_registered(name: str, op: LinearOperator, y: torch.Tensor, x_init: torch
         s.chunk = mp.chunk
     adapter = None
     if ctx.params.get("adapter"):
-        adapter = _adapter_file_state(ctx.params["adapter"], meta)
+        adapter, adapter_meta = lora.read_adapter(ctx.params["adapter"], meta)
+        made_for = adapter_meta.get("task")
+        if made_for and made_for != ctx.task and ctx.record is not None:
+            ctx.record.warn(f"--adapter {ctx.params['adapter']} was adapted on --task {made_for} data; this run is "
+                            f"--task {ctx.task}")
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
 
@@ -717,7 +721,7 @@ def run_registered(name: str, op: LinearOperator, y: torch.Tensor, x_init: torch
     if ctx.params.get("save_adapter") and last is not None and last.adapter is not None:
         lora.save_adapter(ctx.params["save_adapter"], _adapter_carrier(model, s, last.adapter),
                           {"architecture": meta["architecture"], "prior_sha256": meta.get("sha256"), "method": name,
-                           "settings": s.to_dict()})
+                           "task": ctx.task, "settings": s.to_dict()})
         if ctx.record is not None:
             ctx.record.add_output(ctx.params["save_adapter"], role="adapter")
     if len(images) == 1:
@@ -749,18 +753,6 @@ def _adapter_carrier(model: torch.nn.Module, s: DiffusionSettings, state: dict[s
     lora.inject_lora(net, s.lora_rank, train_bias=s.train_bias)
     lora.load_adapter_state(net, {k: v.cpu() for k, v in state.items()})
     return net
-
-
-def _adapter_file_state(path: str, prior_meta: dict) -> dict[str, torch.Tensor]:
-    from d3ip_cli.core.errors import InputDataError
-    from d3ip_cli.prior.checkpoint import load_tensors
-
-    tensors, meta = load_tensors(path)
-    if meta.get("format") != "d3ip-adapter":
-        raise InputDataError(f"{path} is not a d3ip adapter (format {meta.get('format')!r})")
-    if meta.get("architecture") != prior_meta.get("architecture"):
-        raise InputDataError(f"adapter {path} was made for another prior architecture")
-    return tensors
 
 
 def _register() -> None:

@@ -163,15 +163,23 @@ def save_adapter(path: str | os.PathLike, model: nn.Module, meta: dict[str, Any]
     save_tensors(path, adapter_state(model), dict(meta, format="d3ip-adapter", **info))
 
 
-def load_adapter(path: str | os.PathLike, model: nn.Module, prior_meta: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Load an adapter file into a LoRA-injected model; refuses adapters of another architecture."""
+def read_adapter(path: str | os.PathLike, prior_meta: dict[str, Any] | None = None
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """An adapter file's tensors and header; refuses other files and, given the prior's header,
+    adapters made for another architecture."""
     from d3ip_cli.prior.checkpoint import load_tensors
 
     tensors, meta = load_tensors(path, what="adapter")
     if meta.get("format") != "d3ip-adapter":
         raise InputDataError(f"{path} is not a d3ip adapter (format {meta.get('format')!r})")
-    if prior_meta is not None and meta.get("architecture") not in (None, prior_meta.get("architecture")):
+    if prior_meta is not None and meta.get("architecture") != prior_meta.get("architecture"):
         raise InputDataError(f"adapter {path} was made for another prior architecture")
+    return tensors, meta
+
+
+def load_adapter(path: str | os.PathLike, model: nn.Module, prior_meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Load an adapter file into a LoRA-injected model (:func:`read_adapter`'s checks)."""
+    tensors, meta = read_adapter(path, prior_meta)
     load_adapter_state(model, tensors)
     return meta
 

@@ -246,7 +246,7 @@ def scale_notes(vol: Volume, scale: IntensityScale) -> list[str]:
     notes = []
     if scale.kind == "ct-attenuation" and (vol.meta.get("units") != "HU" or vol.modality != "CT"):
         notes.append(f"the input does not record its units; its values reach HU-like air (minimum "
-                     f"{float(np.min(vol.data)):g}), so they are read as CT in HU")
+                     f"{float(np.min(vol.data)):g}; -500 or less in at least 1% of the voxels), so they are read as CT in HU")
     if scale.clip_min is not None and float(np.min(vol.data)) < scale.clip_min:
         notes.append(f"input values below {scale.clip_min:g} {scale.units} were clipped (outside the field of view)")
     return notes
@@ -440,11 +440,13 @@ def to_volume(x: torch.Tensor, problem: Problem, description: str) -> Volume:
 
 def reconstruct(input_path: str | os.PathLike, cfg: ReconConfig, *, device: torch.device | str = "cpu",
                 record: Any = None, progress: Progress | None = None,
-                reference_path: str | os.PathLike | None = None) -> ReconResult:
+                reference_path: str | os.PathLike | None = None,
+                on_warning: Callable[[str], None] | None = None) -> ReconResult:
     """The whole reconstruction of one input (see the module docstring); metrics when a reference exists.
 
     ``record`` (a :class:`~d3ip_cli.core.record.RunRecord`) receives stages, intensity
-    scale, operator summary, metrics and warnings.
+    scale, operator summary, metrics and warnings. ``on_warning`` is called with each warning
+    known once the input is read, before the (possibly long) reconstruction starts.
     """
     from contextlib import nullcontext
 
@@ -454,6 +456,9 @@ def reconstruct(input_path: str | os.PathLike, cfg: ReconConfig, *, device: torc
     stage = record.stage if record is not None else (lambda name: nullcontext())
     with stage("load"):
         problem = load_problem(input_path, cfg, device=device, reference_path=reference_path, progress=progress)
+    if on_warning is not None:
+        for w in problem.warnings:
+            on_warning(w)
     constant_reference = problem.reference is not None and np.ptp(problem.reference) == 0
     if reference_path is not None and constant_reference:
         raise InputDataError(f"--reference {reference_path} is constant: PSNR and SSIM against it are undefined")
@@ -570,22 +575,22 @@ def write_result(result: ReconResult, output: str | os.PathLike, *, overwrite: b
                              description=result.std.meta.get("description"), uid_seed=uid_seed + "|std",
                              series_base=2000)
             written.append(Path(spath))
+        if record is not None:  # inside the try: an interrupt while the outputs are hashed removes them too
+            for w in caught:
+                if issubclass(w.category, D3ipWarning):
+                    record.warn(str(w.message))
+            record.add_output(path)
+            if spath is not None:
+                record.add_output(spath, role="uncertainty")
+                record["uncertainty_output"] = str(Path(spath).resolve())
+            if report is not None:
+                record.add_output(report, role="report")
     except BaseException:
         for w in written:
             _remove(w)
             if w.name.lower().endswith(".npy"):  # the NumPy writer's geometry sidecar goes with it
                 _remove(sidecar_path(w))
         raise
-    if record is not None:
-        for w in caught:
-            if issubclass(w.category, D3ipWarning):
-                record.warn(str(w.message))
-        record.add_output(path)
-        if spath is not None:
-            record.add_output(spath, role="uncertainty")
-            record["uncertainty_output"] = str(Path(spath).resolve())
-        if report is not None:
-            record.add_output(report, role="report")
     return Path(path)
 
 

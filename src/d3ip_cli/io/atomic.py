@@ -50,7 +50,9 @@ def check_output(path: str | os.PathLike, overwrite: bool = False, inputs: tuple
     is done). With ``series`` (``path`` is a DICOM series folder), it is also refused inside an
     input folder, where it would join the series read from it (so reading that input again would
     fail). Other outputs may go there: the DICOM reader skips them. Beside a single DICOM file
-    input, which is read alone, any output may go."""
+    input, which is read alone, any output may go. An existing empty folder is accepted only
+    for a ``series`` (users ``mkdir`` a series folder first); at a file output it is refused like
+    any existing path, before any work."""
     p = Path(path)
     for src in inputs:
         src_r, p_r = Path(src).resolve(), p.resolve()
@@ -59,7 +61,7 @@ def check_output(path: str | os.PathLike, overwrite: bool = False, inputs: tuple
         if series and src_r.is_dir() and src_r in p_r.parents:
             raise OutputError(f"output {p} lies inside the input's DICOM series folder {src}, where its files would "
                               "join that series; give an output outside it")
-    if p.exists() and not overwrite and not _empty_dir(p):
+    if p.exists() and not overwrite and not (series and _empty_dir(p)):
         raise OutputError(f"output {p} exists (use --overwrite to replace it)")
     if p.is_dir() and not p.is_symlink():
         foreign = [c.name for c in p.iterdir() if c.name not in OS_LITTER and not written_by_d3ip(c)]
@@ -92,7 +94,7 @@ def atomic_output(path: str | os.PathLike, overwrite: bool = False, directory: b
     With ``directory=True`` the temporary path is an (empty, created) directory.
     On any exception the temporary file or directory is removed and nothing is left.
     """
-    target = check_output(path, overwrite)
+    target = check_output(path, overwrite, series=directory)
     tmp = target.parent / f"{PARTIAL_PREFIX}{target.name}-{uuid.uuid4().hex[:8]}"
     try:
         if directory:
