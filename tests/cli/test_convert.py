@@ -79,6 +79,31 @@ def test_convert_ct_to_dicom_is_ct_in_hu(cli, tmp_path):
     np.testing.assert_array_equal(read_volume(out).data, _ct_volume().data)
 
 
+def test_json_files_name_no_patient_but_a_derived_series_keeps_them(cli, tmp_path):
+    """Run records and .npy geometry sidecars leave out the patient's name, ID and birth date (as
+    dcm2niix's anonymised BIDS sidecars do): NIfTI files are often made to share data. A DICOM
+    series derived from the DICOM keeps them, so that it joins the patient's study."""
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    src = get_testdata_file("CT_small.dcm")
+    ds = pydicom.dcmread(src)
+    assert str(ds.PatientName) and ds.PatientID  # the test file names a patient
+    for name in ("c.nii.gz", "c.npy"):
+        assert cli(["convert", src, "-o", tmp_path / name]).exit_code == 0
+        text = sidecar_path(tmp_path / name).read_text()
+        for value in (str(ds.PatientName), '"PatientID"', '"PatientBirthDate"'):  # (its StudyID equals the PatientID)
+            assert value not in text, (name, value)
+        assert ds.StudyInstanceUID in text  # the study link stays
+    assert cli(["convert", tmp_path / "c.npy", "-o", tmp_path / "from_npy", "--format", "dicom"]).exit_code == 0
+    assert cli(["convert", src, "-o", tmp_path / "series", "--format", "dicom"]).exit_code == 0
+    derived = pydicom.dcmread(next((tmp_path / "series").glob("*.dcm")))
+    assert derived.PatientName == ds.PatientName and derived.PatientID == ds.PatientID
+    assert derived.StudyInstanceUID == ds.StudyInstanceUID
+    again = pydicom.dcmread(next((tmp_path / "from_npy").glob("*.dcm")))
+    assert again.StudyInstanceUID == ds.StudyInstanceUID and not str(again.PatientName)
+
+
 def test_convert_overwrite(cli, sources, tmp_path):
     out = tmp_path / "x.nii.gz"
     assert cli(["convert", sources["nifti"], "-o", out]).exit_code == 0

@@ -86,9 +86,20 @@ def test_info_on_real_enhanced_mr_reports_assumed_geometry(cli):
 def test_info_frame_of_4d_nifti(cli, tmp_path):
     data = np.stack([np.full((4, 3, 2), k, np.float32) for k in range(3)], axis=-1)
     nib.save(nib.Nifti1Image(data, np.eye(4)), str(tmp_path / "t.nii.gz"))
-    assert cli(["info", tmp_path / "t.nii.gz"]).exit_code == 2
+    whole = cli(["info", tmp_path / "t.nii.gz", "--json"])  # described (frame 0), with the frame count
+    assert whole.exit_code == 0, whole.output
+    doc = json.loads(whole.stdout)
+    assert doc["frames"] == 3 and doc["value_range"] == [0.0, 0.0] and "--frame N (0..2)" in doc["problems"][0]
+    table = cli(["info", tmp_path / "t.nii.gz"])
+    assert table.exit_code == 0 and "frames (4D)" in table.stdout and "3 (shown: frame 0)" in table.stdout
     result = cli(["info", tmp_path / "t.nii.gz", "--frame", "2", "--json"])
     assert result.exit_code == 0 and json.loads(result.stdout)["value_range"] == [2.0, 2.0]
+    assert "frames" not in json.loads(result.stdout)
+    r = cli(["convert", tmp_path / "t.nii.gz", "-o", tmp_path / "o.nii.gz"])  # other commands still need it
+    assert r.exit_code == 2 and "choose one with --frame N (0..2)" in r.stderr
+    np.save(tmp_path / "t.npy", np.zeros((2, 3, 4, 5), np.float32))
+    npy = cli(["info", tmp_path / "t.npy", "--json"])
+    assert npy.exit_code == 0 and json.loads(npy.stdout)["frames"] == 2
 
 
 def test_info_bad_inputs(cli, tmp_path):

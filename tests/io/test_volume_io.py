@@ -190,3 +190,12 @@ def test_a_text_file_named_npy_is_not_called_a_pickle(tmp_path):
     bad.write_text("hello")
     with pytest.raises(InputDataError, match="not a NumPy .npy file"):
         read_volume(bad)
+
+
+def test_a_nifti_descrip_ends_at_its_first_nul(tmp_path):
+    """FSL writes "FSL3.3\\0" and leaves bytes after it: `info` must not print a raw NUL."""
+    img = nib.Nifti1Image(np.ones((4, 4, 4), np.float32), np.eye(4))
+    img.header["descrip"] = b"FSL3.3\x00v2.25 NIfTI-1"
+    nib.save(img, str(tmp_path / "fsl.nii"))
+    vol = read_volume(tmp_path / "fsl.nii")
+    assert vol.meta["nifti"]["descrip"] == "FSL3.3" and vol.meta["series_description"] == "FSL3.3"

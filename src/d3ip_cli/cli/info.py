@@ -47,6 +47,8 @@ def _table(doc: dict[str, Any]) -> str:
             ("series UID", doc.get("series_uid") or "-"),
             ("slices", str(doc["slice_count"])),
         ]
+        if "frames" in doc:
+            rows.append(("frames (4D)", f"{doc['frames']} (shown: frame 0)"))
     if "kind" in doc:  # a measurement file
         axes = "Z, views, detectors" if doc["kind"] == "sinogram" else "Z, coils, ky, kx"
         rows += [("task", doc["task"]), (f"{doc['kind']} ({axes})", " x ".join(map(str, doc["data_shape"]))),
@@ -85,7 +87,7 @@ def register(app: typer.Typer) -> None:
         """
         import warnings
 
-        from d3ip_cli.core.errors import InputDataError
+        from d3ip_cli.core.errors import FrameRequired, InputDataError
         from d3ip_cli.io.measurement import is_measurement_path
         from d3ip_cli.io.volumes import detect_format, read_volume, volume_summary
 
@@ -93,10 +95,15 @@ def register(app: typer.Typer) -> None:
         if is_measurement_path(input):
             _emit(_measurement_doc(input, doc, frame), json_out)
             return
+        frames = None
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # third-party chatter; problems are in the report
-                volume = read_volume(input, series=series, frame=frame, strict=False)
+                try:
+                    volume = read_volume(input, series=series, frame=frame, strict=False)
+                except FrameRequired as exc:  # a 4D file: describe its first frame and say how many it holds
+                    frames = exc.frames
+                    volume = read_volume(input, series=series, frame=0, strict=False)
         except InputDataError as exc:
             listed = getattr(exc, "series", None)
             if listed is None:
@@ -109,6 +116,10 @@ def register(app: typer.Typer) -> None:
         doc.update(volume_summary(volume))
         fatal = list(volume.meta.get("fatal_problems", []))
         doc["problems"] = list(volume.meta.get("problems", []))
+        if frames is not None:
+            doc["frames"] = frames
+            doc["problems"].insert(0, f"4D with {frames} frames: this report describes frame 0; other commands "
+                                      f"need --frame N (0..{frames - 1})")
         doc["ok"] = not fatal
         _emit(doc, json_out)
         if fatal:

@@ -43,6 +43,14 @@ class UsageError(D3ipError):
     exit_code = EXIT_USAGE
 
 
+class FrameRequired(UsageError):
+    """A 4D input was given without ``--frame``; ``frames`` says how many it holds."""
+
+    def __init__(self, message: str, frames: int) -> None:
+        super().__init__(message)
+        self.frames = frames
+
+
 class InputDataError(D3ipError):
     """An input file is missing, unreadable, corrupt or inconsistent."""
 

@@ -10,7 +10,8 @@ measurement file) as :meth:`IntensityScale.to_dict`.
   :math:`\\mu_w = 0.0192` /mm at ~70 keV), which converts line integrals for photon noise.
   HU below -1024 (padding outside the scanner's field of view) are clipped first. An image
   that does not record its units (NIfTI from dcm2niix, NumPy) is read as HU for a CT task
-  when its values reach HU-like air (<= -500), as ``d3ip convert`` decides for DICOM output.
+  when its values reach HU-like air (<= -500 in at least 1 % of the voxels), as ``d3ip convert``
+  decides for DICOM output.
 - ``robust-max`` (MR magnitudes, other images): :math:`x = (v - o) / (p_{99.5} - o)` with
   ``o = min(0, min v)``, so the 99.5th percentile maps to 1.
 - ``identity``: already normalised.
@@ -70,14 +71,26 @@ def robust_max(v: np.ndarray, percentile: float = 99.5) -> float:
 
 
 HU_AIR_LIKE = -500.0
-"""Values at or below this read as HU air: the rule ``d3ip convert`` uses to pick CT for DICOM."""
+"""Values at or below this read as HU air."""
+
+HU_AIR_FRACTION = 0.01
+"""...in at least this fraction of the voxels: a CT image holds air around the body or in the
+lungs (CT_small.dcm: 21 %), while an MR image's negative values are a few filter undershoots
+(nibabel's anatomical.nii reaches -610 in 0.009 % of its voxels)."""
+
+
+def reaches_hu_air(data: np.ndarray) -> bool:
+    """Whether values read as HU: at least 1 % of the voxels at or below -500 (HU-like air). The
+    one rule for images that do not record their units: a CT task's normalisation, and
+    the SOP class ``d3ip convert`` picks for DICOM."""
+    a = np.asarray(data)
+    return a.size > 0 and float(np.count_nonzero(a <= HU_AIR_LIKE)) >= HU_AIR_FRACTION * a.size
 
 
 def hu_by_values(data: np.ndarray, modality: str, units: str, task_modality: str) -> bool:
     """Whether an image that does not record its units (a NIfTI written by dcm2niix, a NumPy
-    array) and is given to a CT task holds HU: its values reach HU-like air (<= -500)."""
-    return (task_modality == "CT" and modality not in ("CT", "MR") and units != "HU" and np.size(data) > 0
-            and float(np.min(data)) <= HU_AIR_LIKE)
+    array) and is given to a CT task holds HU (:func:`reaches_hu_air`)."""
+    return task_modality == "CT" and modality not in ("CT", "MR") and units != "HU" and reaches_hu_air(data)
 
 
 def scale_for_volume(data: np.ndarray, modality: str, units: str, task_modality: str) -> IntensityScale:

@@ -91,6 +91,13 @@ CARRIED_TAGS = (
     "MagneticFieldStrength", "RepetitionTime", "EchoTime", "InversionTime", "FlipAngle",
 )
 
+#: Carried tags that identify the patient. A derived DICOM series keeps them (it joins the
+#: patient's study); JSON files (run records, ``.npy`` geometry sidecars) leave them out, as
+#: dcm2niix's anonymised BIDS sidecars do, since those travel with NIfTI files that are often
+#: made to share data without names.
+IDENTIFYING_TAGS = ("PatientName", "PatientID", "PatientBirthDate", "IssuerOfPatientID", "AccessionNumber",
+                    "ReferringPhysicianName", "InstitutionName")
+
 _ENHANCED_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.2.1": "CT",   # Enhanced CT Image Storage
     "1.2.840.10008.5.1.4.1.1.4.1": "MR",   # Enhanced MR Image Storage
@@ -699,8 +706,11 @@ def _pick_modality(volume: Volume) -> str:
     mod = volume.modality
     if mod in ("CT", "MR"):
         return mod
-    choice = "CT" if float(np.min(volume.data)) <= -500.0 else "MR"
-    reason = "values reach HU-like air (<= -500)" if choice == "CT" else "no HU-like negative values"
+    from d3ip_cli.engine.intensity import reaches_hu_air
+
+    choice = "CT" if reaches_hu_air(volume.data) else "MR"
+    reason = ("values reach HU-like air (<= -500 in at least 1% of the voxels)" if choice == "CT"
+              else "no HU-like air (<= -500 in at least 1% of the voxels)")
     warnings.warn(f"the volume's modality is unknown ({mod}): writing {choice} Image Storage because {reason}",
                   D3ipWarning, stacklevel=3)
     return choice
@@ -776,7 +786,7 @@ def write_dicom_series(volume: Volume, path: str | os.PathLike, *, overwrite: bo
 
     Files are ``IM00001.dcm`` ... in a directory created atomically. Modality CT gives
     CT Image Storage, MR gives MR Image Storage; an unknown modality picks CT when the
-    values reach HU-like air (below -500), else MR, and says so with a
+    values reach HU-like air (<= -500 in at least 1 % of the voxels), else MR, and says so with a
     :class:`D3ipWarning`. See the module docstring for geometry, values and UIDs.
     """
     import pydicom

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from d3ip_cli import __version__
-from d3ip_cli.core.errors import InputDataError, UsageError
+from d3ip_cli.core.errors import FrameRequired, InputDataError, UsageError
 from d3ip_cli.core.types import Volume
 from d3ip_cli.io.atomic import atomic_output
 
@@ -83,7 +83,8 @@ def read_nifti(path: str | os.PathLike, *, frame: int | None = None) -> Volume:
     try:
         if len(shape) == 4 and shape[3] > 1:
             if frame is None:
-                raise UsageError(f"{p} is 4D with {shape[3]} frames: choose one with --frame N (0..{shape[3] - 1})")
+                raise FrameRequired(f"{p} is 4D with {shape[3]} frames: choose one with --frame N (0..{shape[3] - 1})",
+                                    shape[3])
             if not 0 <= frame < shape[3]:
                 raise UsageError(f"--frame {frame}: {p} has frames 0..{shape[3] - 1}")
             arr = np.asarray(img.dataobj[..., frame], dtype=np.float32)
@@ -109,7 +110,8 @@ def read_nifti(path: str | os.PathLike, *, frame: int | None = None) -> Volume:
     A_nii[:3, :] *= scale
     affine = A_nii @ AXES_PERMUTATION
     hdr = img.header
-    descrip = hdr["descrip"].item().decode("latin-1", "replace").strip("\x00 ").strip()
+    # a C string: it ends at the first NUL (FSL leaves "FSL3.3\0" and bytes of an older text after it)
+    descrip = hdr["descrip"].item().split(b"\x00", 1)[0].decode("latin-1", "replace").strip()
     parsed = _parse_descrip(descrip)
     sform_code = int(hdr["sform_code"])
     qform_code = int(hdr["qform_code"])

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from d3ip_cli import __version__
-from d3ip_cli.core.errors import InputDataError, UsageError
+from d3ip_cli.core.errors import FrameRequired, InputDataError, UsageError
 from d3ip_cli.core.types import Volume
 from d3ip_cli.io.atomic import _remove, atomic_output, sidecar_path, write_json
 
@@ -50,7 +50,8 @@ def read_npy(path: str | os.PathLike, *, frame: int | None = None) -> Volume:
         raise InputDataError(f"{p}: {arr.dtype} arrays are not supported (expected real numbers)")
     if arr.ndim == 4:
         if frame is None:
-            raise UsageError(f"{p} is 4D with {arr.shape[0]} frames on axis 0: choose one with --frame N")
+            raise FrameRequired(f"{p} is 4D with {arr.shape[0]} frames on axis 0: choose one with --frame N "
+                                f"(0..{arr.shape[0] - 1})", arr.shape[0])
         if not 0 <= frame < arr.shape[0]:
             raise UsageError(f"--frame {frame}: {p} has frames 0..{arr.shape[0] - 1}")
         arr = arr[frame]
@@ -90,8 +91,12 @@ def geometry_doc(volume: Volume, description: str | None = None) -> dict[str, An
     """The ``"volume"`` entry of the sidecar: shape, affine, spacing and carried meta."""
     from d3ip_cli.io.volumes import volume_summary
 
+    from d3ip_cli.io.dicom import IDENTIFYING_TAGS
+
     doc = volume_summary(volume, with_stats=False)
     meta = {k: volume.meta[k] for k in _META_KEYS if k in volume.meta}
+    if isinstance(meta.get("dicom"), dict):  # no patient names or IDs in JSON files
+        meta["dicom"] = {k: v for k, v in meta["dicom"].items() if k not in IDENTIFYING_TAGS}
     if description:
         meta["description"] = description
     doc["meta"] = meta
