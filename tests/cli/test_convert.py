@@ -104,6 +104,28 @@ def test_json_files_name_no_patient_but_a_derived_series_keeps_them(cli, tmp_pat
     assert again.StudyInstanceUID == ds.StudyInstanceUID and not str(again.PatientName)
 
 
+def test_an_mr_volume_with_a_few_undershoots_below_minus_500_is_not_written_as_ct(cli, tmp_path):
+    """nibabel's anatomical.nii (a T1, -610 .. 30393, 0.009 % of voxels <= -500) is MR; CT_small's
+    values (21 % of voxels <= -500) are HU. The same 1 % rule reads an unlabelled CT task input."""
+    import os
+
+    import pydicom
+
+    from d3ip_cli.engine.intensity import reaches_hu_air
+
+    src = os.path.join(os.path.dirname(nib.__file__), "tests", "data", "anatomical.nii")
+    r = cli(["convert", src, "-o", tmp_path / "t1", "--format", "dicom"])
+    assert r.exit_code == 0 and "writing MR Image Storage" in r.stderr, r.output
+    assert pydicom.dcmread(next((tmp_path / "t1").glob("*.dcm"))).Modality == "MR"
+    ct = _ct_volume().data
+    assert reaches_hu_air(ct) and not reaches_hu_air(nib.load(src).get_fdata())
+    few = np.full((10, 10, 10), 100.0)
+    few.flat[:9] = -1000  # 0.9 % of the voxels
+    assert not reaches_hu_air(few)
+    few.flat[:10] = -1000  # 1 %
+    assert reaches_hu_air(few)
+
+
 def test_convert_overwrite(cli, sources, tmp_path):
     out = tmp_path / "x.nii.gz"
     assert cli(["convert", sources["nifti"], "-o", out]).exit_code == 0
