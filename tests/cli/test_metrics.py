@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -104,3 +105,22 @@ def test_the_same_grid_in_another_axis_order_is_compared_voxel_for_voxel(cli, tm
     nib.save(moved, tmp_path / "moved.nii")
     r = cli(["metrics", series, tmp_path / "moved.nii"])
     assert r.exit_code == 3 and "another grid in space" in r.stderr
+
+
+def test_a_runs_own_scores_are_recomputed_with_its_slices_and_grid(cli, tmp_path):
+    """reconstruct --slices --grid scores against the cut input; metrics with the same options
+    gives the same numbers from the files (without them the shapes differ: exit 3)."""
+    example = Path(__file__).resolve().parents[2] / "examples" / "mni_t1.nii.gz"
+    out = tmp_path / "r.nii.gz"
+    r = cli(["reconstruct", example, "--task", "sparse-view", "--slices", "8:11", "--grid", "48", "--method", "fbp",
+             "-o", out, "--json"])
+    assert r.exit_code == 0, r.output
+    ran = json.loads(r.stdout)["metrics"]
+    m = cli(["metrics", out, example, "--slices", "8:11", "--grid", "48", "--json"])
+    assert m.exit_code == 0, m.output
+    doc = json.loads(m.stdout)
+    assert doc["psnr"] == pytest.approx(ran["psnr"], abs=0.01) and doc["ssim"] == pytest.approx(ran["ssim"], abs=1e-3)
+    assert cli(["metrics", out, example]).exit_code == 3
+    bad = cli(["metrics", out, example, "--slices", "8-11"])
+    assert bad.exit_code == 2 and bad.stderr.startswith("error: --slices")
+    assert cli(["metrics", out, example, "--grid", "4"]).exit_code == 2

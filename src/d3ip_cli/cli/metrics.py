@@ -18,6 +18,10 @@ def register(app: typer.Typer) -> None:
         reference: Annotated[Path, typer.Argument(help="Reference volume on the same grid.")],
         data_range: Annotated[Optional[float], typer.Option("--data-range", help="Data range L for PSNR/SSIM "
                                                             "(default: reference max - min).")] = None,
+        slices: Annotated[Optional[str], typer.Option("--slices", help="Cut the reference to slab A:B first, as "
+                                                      "reconstruct --slices cut its input.")] = None,
+        grid: Annotated[Optional[int], typer.Option("--grid", help="Resample the reference in-plane to N x N, as "
+                                                    "reconstruct --grid resampled its input.")] = None,
         json_out: JsonOpt = False,
     ) -> None:
         """Compare a reconstruction with a reference volume: PSNR, SSIM, NRMSE, through-slice error.
@@ -27,17 +31,29 @@ def register(app: typer.Typer) -> None:
         A CT reference padded below -1024 HU outside the field of view is clipped there (with a
         warning), as reconstruct clips its input.
 
+        --slices and --grid cut and resample the reference the way reconstruct cut its input, so
+        a run's own scores can be recomputed from the files.
+
         Example: d3ip metrics recon.nii.gz truth.nii.gz --json
         """
         from d3ip_cli.bench.metrics import volume_metrics
         from d3ip_cli.engine.intensity import clip_reference, scale_for_volume
         from d3ip_cli.io.volumes import check_same_grid, read_volume, reorient_like
 
+        from d3ip_cli.core.config import parse_slices
+        from d3ip_cli.core.errors import UsageError
+        from d3ip_cli.engine.recon import cut_volume
+
+        try:
+            parse_slices(slices)
+        except ValueError as exc:
+            raise UsageError(f"--slices: {exc}") from None
+        if grid is not None and not 8 <= grid <= 4096:
+            raise UsageError(f"--grid must be in [8, 4096], got {grid}")
         x = read_volume(recon)
-        if x.meta.get("source_format") == "npy":
-            r = read_volume(reference)
-        else:  # the same grid stored in another axis order or direction is compared voxel for voxel
-            r = reorient_like(read_volume(reference), x.affine)
+        r = cut_volume(read_volume(reference), slices=slices, grid=grid)
+        if x.meta.get("source_format") != "npy":  # the same grid stored in another axis order or direction
+            r = reorient_like(r, x.affine)       # is compared voxel for voxel
         if x.shape == r.shape:
             check_same_grid(x, r)
         # the reference read as reconstruct reads its input (a CT in HU, or values that say so when

@@ -67,7 +67,7 @@ def register(app: typer.Typer) -> None:
         method: Annotated[str, typer.Option("--method", help="d3ip (default), dds, ddip, d3ip-mbir, d3ip-meta, "
                                                              "or classical: fbp, cgls, tv, zero-filled, l1-wavelet.")] = "d3ip",
         prior: Annotated[Optional[str], typer.Option("--prior", help="Prior weights (.safetensors).")] = None,
-        preset: Annotated[Optional[str], typer.Option("--preset", help="fast, standard or paper.")] = None,
+        preset: Annotated[Optional[str], typer.Option("--preset", help="fast (the default: 20 steps, for a CPU), standard (the paper's settings) or paper (standard with the reference's bias training, for a GPU).")] = None,
         reference: Annotated[Optional[Path], typer.Option("--reference", help="Reference volume for metrics.")] = None,
         report: Annotated[Optional[Path], typer.Option("--report", help="Write a PNG of axial/coronal/sagittal views.")] = None,
         json_out: JsonOpt = False,

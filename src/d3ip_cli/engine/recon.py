@@ -666,7 +666,10 @@ def write_report(result: ReconResult, path: str | os.PathLike, *, overwrite: boo
     title = f"{result.volume.meta.get('description', '')}"
     if m and m.get("psnr") is not None:
         title += f"  PSNR {m['psnr']:.2f} dB  SSIM {m['ssim']:.3f}" if m.get("ssim") is not None else ""
-    fig.suptitle(title, fontsize=9)
+    import textwrap
+
+    width_in = fig.get_size_inches()[0]  # a one-view report (one slice) is narrow: wrap, do not cut
+    fig.suptitle(textwrap.fill(title, width=max(24, int(width_in * 14))), fontsize=9)
     fig.tight_layout()
     with atomic_output(path, overwrite=overwrite) as tmp:
         fig.savefig(tmp, format="png", dpi=90)
