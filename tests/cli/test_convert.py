@@ -92,14 +92,14 @@ def test_json_files_name_no_patient_but_a_derived_series_keeps_them(cli, tmp_pat
     for name in ("c.nii.gz", "c.npy"):
         assert cli(["convert", src, "-o", tmp_path / name]).exit_code == 0
         text = sidecar_path(tmp_path / name).read_text()
-        for value in (str(ds.PatientName), '"PatientID"', '"PatientBirthDate"'):  # (its StudyID equals the PatientID)
+        for value in (str(ds.PatientName), ds.PatientID, '"StudyDate"'):  # (its StudyID equals its PatientID)
             assert value not in text, (name, value)
         assert ds.StudyInstanceUID in text  # the study link stays
     assert cli(["convert", tmp_path / "c.npy", "-o", tmp_path / "from_npy", "--format", "dicom"]).exit_code == 0
     assert cli(["convert", src, "-o", tmp_path / "series", "--format", "dicom"]).exit_code == 0
     derived = pydicom.dcmread(next((tmp_path / "series").glob("*.dcm")))
     assert derived.PatientName == ds.PatientName and derived.PatientID == ds.PatientID
-    assert derived.StudyInstanceUID == ds.StudyInstanceUID
+    assert derived.StudyInstanceUID == ds.StudyInstanceUID and derived.StudyDate == ds.StudyDate
     again = pydicom.dcmread(next((tmp_path / "from_npy").glob("*.dcm")))
     assert again.StudyInstanceUID == ds.StudyInstanceUID and not str(again.PatientName)
 

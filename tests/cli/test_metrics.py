@@ -121,6 +121,16 @@ def test_a_runs_own_scores_are_recomputed_with_its_slices_and_grid(cli, tmp_path
     doc = json.loads(m.stdout)
     assert doc["psnr"] == pytest.approx(ran["psnr"], abs=0.01) and doc["ssim"] == pytest.approx(ran["ssim"], abs=1e-3)
     assert cli(["metrics", out, example]).exit_code == 3
+    import nibabel as nib  # the reference stored in the other slice order: reoriented first, then cut
+
+    img = nib.load(str(example))
+    flipped = nib.Nifti1Image(np.asarray(img.dataobj)[:, :, ::-1],
+                              img.affine @ np.array([[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, -1, img.shape[2] - 1],
+                                                     [0, 0, 0, 1]]))
+    nib.save(flipped, str(tmp_path / "flipped.nii.gz"))
+    f = cli(["metrics", out, tmp_path / "flipped.nii.gz", "--slices", "8:11", "--grid", "48", "--json"])
+    assert f.exit_code == 0, f.output
+    assert json.loads(f.stdout)["psnr"] == pytest.approx(doc["psnr"], abs=1e-6)
     bad = cli(["metrics", out, example, "--slices", "8-11"])
     assert bad.exit_code == 2 and bad.stderr.startswith("error: --slices")
     assert cli(["metrics", out, example, "--grid", "4"]).exit_code == 2

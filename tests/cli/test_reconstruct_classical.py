@@ -320,6 +320,12 @@ def test_acquisition_options_on_a_measurement_file_are_refused(cli, ct_slice, tm
     # --slices and --grid apply to measurement files too
     doc = _run(cli, [meas, "--method", "cgls", "--grid", "64", "-o", tmp_path / "r3.nii.gz"])
     assert doc["warnings"] == []
+    # --backend applies to a CT file, not to k-space
+    assert cli(["reconstruct", meas, "--method", "cgls", "--backend", "native", "-o", tmp_path / "r4.nii.gz"]).exit_code == 0
+    kspace = tmp_path / "k.h5"
+    assert cli(["simulate", ct_slice, "-o", kspace, "--task", "cs-mri"]).exit_code == 0
+    r = cli(["reconstruct", kspace, "--method", "zero-filled", "--backend", "native", "-o", tmp_path / "r5.nii.gz"])
+    assert r.exit_code == 2 and "--backend picks the CT projector; k.h5 holds MRI (cs-mri) data" in r.stderr, r.output
 
 
 def test_warnings_reach_stderr_with_json_and_values_are_echoed_literally(cli, anatomy, tmp_path):
@@ -474,13 +480,14 @@ def test_an_interrupt_while_the_output_is_hashed_leaves_nothing(cli, anatomy, tm
 
     real = R.sha256_path
 
+    src = Path(shutil.copy(anatomy, tmp_path / "inp.nii"))
+
     def interrupted(path):
-        if "inp" not in str(path):  # the input's hash goes through; the output's is interrupted
+        if Path(path).resolve() != src.resolve():  # the input's hash goes through; the output's is interrupted
             raise KeyboardInterrupt
         return real(path)
 
     monkeypatch.setattr(R, "sha256_path", interrupted)
-    src = shutil.copy(anatomy, tmp_path / "inp.nii")
     out = tmp_path / "out"
     out.mkdir()
     name = {"nifti": "r.nii.gz", "npy": "r.npy", "dicom": "r"}[fmt]

@@ -72,12 +72,12 @@ def register(app: typer.Typer) -> None:
             with record.stage("write"):
                 write_volume(volume, output, format=fmt, overwrite=overwrite, description=description,
                              uid_seed=uid_seed)
-        notes = list(volume.meta.get("problems", [])) + [str(w.message) for w in caught
-                                                         if issubclass(w.category, D3ipWarning)]
-        for note in notes:
-            warn(note)
-            record.warn(note)
         try:  # the output stands only with its run record: an interrupt while hashing or writing it removes both
+            notes = list(volume.meta.get("problems", [])) + [str(w.message) for w in caught
+                                                             if issubclass(w.category, D3ipWarning)]
+            for note in notes:
+                warn(note)
+                record.warn(note)
             doc_volume = geometry_doc(volume, description)
             doc_volume.update({k: v for k, v in volume_summary(volume).items() if k in ("value_range", "mean", "std")})
             record["volume"] = doc_volume

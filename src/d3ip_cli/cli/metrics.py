@@ -51,9 +51,10 @@ def register(app: typer.Typer) -> None:
         if grid is not None and not 8 <= grid <= 4096:
             raise UsageError(f"--grid must be in [8, 4096], got {grid}")
         x = read_volume(recon)
-        r = cut_volume(read_volume(reference), slices=slices, grid=grid)
+        r = read_volume(reference)
         if x.meta.get("source_format") != "npy":  # the same grid stored in another axis order or direction
             r = reorient_like(r, x.affine)       # is compared voxel for voxel
+        r = cut_volume(r, slices=slices, grid=grid)  # then cut, as reconstruct cuts its reference
         if x.shape == r.shape:
             check_same_grid(x, r)
         # the reference read as reconstruct reads its input (a CT in HU, or values that say so when

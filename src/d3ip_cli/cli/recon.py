@@ -148,6 +148,8 @@ def register(app: typer.Typer) -> None:
             if given:
                 raise UsageError(f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to {input.name}: a "
                                  "measurement file fixes the acquisition (--slices and --grid do apply)")
+            if task_name == "cs-mri" and getattr(ctx.get_parameter_source("backend"), "name", None) == "COMMANDLINE":
+                raise UsageError(f"--backend picks the CT projector; {input.name} holds MRI (cs-mri) data")
         if get_method(cfg.method, task_name).classical and resume:
             from d3ip_cli.core.errors import UsageError
 

@@ -96,7 +96,9 @@ CARRIED_TAGS = (
 #: dcm2niix's anonymised BIDS sidecars do, since those travel with NIfTI files that are often
 #: made to share data without names.
 IDENTIFYING_TAGS = ("PatientName", "PatientID", "PatientBirthDate", "IssuerOfPatientID", "AccessionNumber",
-                    "ReferringPhysicianName", "InstitutionName")
+                    "ReferringPhysicianName", "InstitutionName", "StudyID", "StudyDate", "StudyTime")
+# (StudyID: scanners often set it to the patient ID, as pydicom's CT_small.dcm does; dates are
+# identifiers under HIPAA's safe harbour)
 
 _ENHANCED_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.2.1": "CT",   # Enhanced CT Image Storage
