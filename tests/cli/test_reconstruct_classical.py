@@ -138,11 +138,22 @@ def test_ismrmrd_file(cli, tmp_path):
     path = tmp_path / "raw.h5"
     subprocess.run(["ismrmrd_generate_cartesian_shepp_logan", "-m", "48", "-c", "4", "-a", "2", "-w", "16",
                     "-o", str(path)], check=True, capture_output=True)
-    doc = _run(cli, [path, "--method", "zero-filled", "-o", tmp_path / "sl.nii.gz"])
+    # with -a 2 the generator writes 2 repetitions (the undersampling shifted between them)
+    doc = _run(cli, [path, "--method", "zero-filled", "--frame", "0", "-o", tmp_path / "sl.nii.gz"])
     vol = read_volume(tmp_path / "sl.nii.gz")
     assert vol.shape == (1, 48, 48) and doc["task"] == "cs-mri"
     centre = vol.data[0, 12:36, 12:36]
     assert centre.mean() > 2 * vol.data[0, :4, :4].mean()  # the phantom is there, ESPIRiT-combined
+    reps = tmp_path / "reps.h5"  # several repetitions: one is chosen with --frame, as a 4D NIfTI's frame
+    subprocess.run(["ismrmrd_generate_cartesian_shepp_logan", "-m", "32", "-c", "2", "-r", "3", "-o", str(reps)],
+                   check=True, capture_output=True)
+    r = cli(["reconstruct", reps, "--method", "zero-filled", "-o", tmp_path / "r.nii.gz"])
+    assert r.exit_code == 2 and "holds 3 repetitions: choose one with --frame N (0..2)" in r.stderr, r.output
+    assert not (tmp_path / "r.nii.gz").exists()
+    info = cli(["info", reps, "--json"])
+    assert info.exit_code == 0 and json.loads(info.stdout)["frames"] == 3, info.output
+    assert "repetitions" in cli(["info", reps]).stdout
+    _run(cli, [reps, "--method", "zero-filled", "--frame", "2", "-o", tmp_path / "r2.nii.gz"])
 
 
 def test_bad_inputs_are_one_line_errors(cli, anatomy, tmp_path):

@@ -54,6 +54,8 @@ def _table(doc: dict[str, Any]) -> str:
         rows += [("task", doc["task"]), (f"{doc['kind']} ({axes})", " x ".join(map(str, doc["data_shape"]))),
                  ("image grid (Z, H, W)", " x ".join(map(str, doc["image_shape"])))]
         rows += [("operator" if i == 0 else "", f"{k} = {v}") for i, (k, v) in enumerate(sorted(doc["operator"].items()))]
+        if "frames" in doc:
+            rows.append(("repetitions", f"{doc['frames']} (shown: repetition 0)"))
         rows += [("retrospective", "yes (simulated from an image volume)" if doc["retrospective"] else "no"),
                  ("noise", str(doc.get("noise") or "-")), ("source", str(doc.get("source") or "-"))]
     for i, s in enumerate(doc.get("series", [])):
@@ -130,13 +132,24 @@ def _measurement_doc(path: Any, doc: dict[str, Any], frame: int | None) -> dict[
     """What a measurement file holds: task, data shape, operator settings, grid, provenance."""
     from d3ip_cli.io.measurement import read_measurement
 
-    meas = read_measurement(path, frame=frame)
+    from d3ip_cli.core.errors import FrameRequired
+
+    try:
+        meas = read_measurement(path, frame=frame)
+        frames = None
+    except FrameRequired as exc:  # several repetitions: describe the first and say how many
+        frames = exc.frames
+        meas = read_measurement(path, frame=0)
     spec = {k: v for k, v in meas.spec.items() if k != "angles_deg"}
     prov = meas.provenance or {}
     doc.update({"format": f"measurement ({meas.source_format})", "kind": meas.kind, "task": meas.task,
                 "data_shape": list(meas.data.shape), "image_shape": list(meas.image_shape), "operator": spec,
                 "retrospective": bool(prov.get("retrospective")), "noise": prov.get("noise"),
                 "source": prov.get("source"), "intensity": meas.intensity or None, "problems": [], "ok": True})
+    if frames is not None:
+        doc["frames"] = frames
+        doc["problems"].append(f"{frames} repetitions: this report describes repetition 0; other commands need "
+                               f"--frame N (0..{frames - 1})")
     return doc
 
 

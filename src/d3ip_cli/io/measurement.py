@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from d3ip_cli.core.errors import InputDataError, MissingComponentError, UsageError
+from d3ip_cli.core.errors import FrameRequired, InputDataError, MissingComponentError, UsageError
 
 FORMAT_NAME = "d3ip-measurement"
 FORMAT_VERSION = 1
@@ -322,6 +322,8 @@ def _read_ismrmrd(p: Path, frame: int | None) -> Measurement:
         n_slices = (lim.slice.maximum + 1) if lim.slice is not None else 1
         n_reps = (lim.repetition.maximum + 1) if lim.repetition is not None else 1
         ky_center = lim.kspace_encoding_step_1.center if lim.kspace_encoding_step_1 is not None else e_ny // 2
+        if frame is None and n_reps > 1:
+            raise FrameRequired(f"{p} holds {n_reps} repetitions: choose one with --frame N (0..{n_reps - 1})", n_reps)
         rep = 0 if frame is None else int(frame)
         if not 0 <= rep < n_reps:
             raise UsageError(f"--frame {rep}: the ISMRMRD file holds {n_reps} repetition(s)")
