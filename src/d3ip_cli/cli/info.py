@@ -12,7 +12,7 @@ command then fails with exit code 3 after printing the report.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Callable
 
 import typer
 
@@ -89,7 +89,7 @@ def register(app: typer.Typer) -> None:
         """
         import warnings
 
-        from d3ip_cli.core.errors import FrameRequired, InputDataError
+        from d3ip_cli.core.errors import InputDataError
         from d3ip_cli.io.measurement import is_measurement_path
         from d3ip_cli.io.volumes import detect_format, read_volume, volume_summary
 
@@ -97,15 +97,10 @@ def register(app: typer.Typer) -> None:
         if is_measurement_path(input):
             _emit(_measurement_doc(input, doc, frame), json_out)
             return
-        frames = None
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # third-party chatter; problems are in the report
-                try:
-                    volume = read_volume(input, series=series, frame=frame, strict=False)
-                except FrameRequired as exc:  # a 4D file: describe its first frame and say how many it holds
-                    frames = exc.frames
-                    volume = read_volume(input, series=series, frame=0, strict=False)
+                volume, frames = _first_frame(lambda f: read_volume(input, series=series, frame=f, strict=False), frame)
         except InputDataError as exc:
             listed = getattr(exc, "series", None)
             if listed is None:
@@ -118,10 +113,7 @@ def register(app: typer.Typer) -> None:
         doc.update(volume_summary(volume))
         fatal = list(volume.meta.get("fatal_problems", []))
         doc["problems"] = list(volume.meta.get("problems", []))
-        if frames is not None:
-            doc["frames"] = frames
-            doc["problems"].insert(0, f"4D with {frames} frames: this report describes frame 0; other commands "
-                                      f"need --frame N (0..{frames - 1})")
+        _note_frames(doc, frames, "frame", "4D with {n} frames")
         doc["ok"] = not fatal
         _emit(doc, json_out)
         if fatal:
@@ -132,25 +124,34 @@ def _measurement_doc(path: Any, doc: dict[str, Any], frame: int | None) -> dict[
     """What a measurement file holds: task, data shape, operator settings, grid, provenance."""
     from d3ip_cli.io.measurement import read_measurement
 
-    from d3ip_cli.core.errors import FrameRequired
-
-    try:
-        meas = read_measurement(path, frame=frame)
-        frames = None
-    except FrameRequired as exc:  # several repetitions: describe the first and say how many
-        frames = exc.frames
-        meas = read_measurement(path, frame=0)
+    meas, frames = _first_frame(lambda f: read_measurement(path, frame=f), frame)
     spec = {k: v for k, v in meas.spec.items() if k != "angles_deg"}
     prov = meas.provenance or {}
     doc.update({"format": f"measurement ({meas.source_format})", "kind": meas.kind, "task": meas.task,
                 "data_shape": list(meas.data.shape), "image_shape": list(meas.image_shape), "operator": spec,
                 "retrospective": bool(prov.get("retrospective")), "noise": prov.get("noise"),
                 "source": prov.get("source"), "intensity": meas.intensity or None, "problems": [], "ok": True})
+    _note_frames(doc, frames, "repetition", "{n} repetitions")
+    return doc
+
+
+def _first_frame(read: Callable[[int | None], Any], frame: int | None) -> tuple[Any, int | None]:
+    """``read(frame)``, and ``None``; for a file of several frames given without ``--frame``
+    (4D NIfTI/NumPy, ISMRMRD repetitions), its first frame and how many it holds."""
+    from d3ip_cli.core.errors import FrameRequired
+
+    try:
+        return read(frame), None
+    except FrameRequired as exc:
+        return read(0), exc.frames
+
+
+def _note_frames(doc: dict[str, Any], frames: int | None, unit: str, what: str) -> None:
+    """Say in the report that it describes the first of ``frames`` and how other commands pick one."""
     if frames is not None:
         doc["frames"] = frames
-        doc["problems"].append(f"{frames} repetitions: this report describes repetition 0; other commands need "
-                               f"--frame N (0..{frames - 1})")
-    return doc
+        doc["problems"].insert(0, f"{what.format(n=frames)}: this report describes {unit} 0; other commands need "
+                                  f"--frame N (0..{frames - 1})")
 
 
 def _emit(doc: dict[str, Any], json_out: bool) -> None:

@@ -38,23 +38,15 @@ def register(app: typer.Typer) -> None:
         """
         from d3ip_cli.bench.metrics import volume_metrics
         from d3ip_cli.engine.intensity import clip_reference, scale_for_volume
-        from d3ip_cli.io.volumes import check_same_grid, read_volume, reorient_like
+        from d3ip_cli.io.volumes import check_same_grid, read_volume
 
-        from d3ip_cli.core.config import parse_slices
-        from d3ip_cli.core.errors import UsageError
-        from d3ip_cli.engine.recon import cut_volume
+        from d3ip_cli.core.config import ReconConfig
+        from d3ip_cli.engine.recon import align_reference
 
-        try:
-            parse_slices(slices)
-        except ValueError as exc:
-            raise UsageError(f"--slices: {exc}") from None
-        if grid is not None and not 8 <= grid <= 4096:
-            raise UsageError(f"--grid must be in [8, 4096], got {grid}")
+        ReconConfig.from_options(slices=slices, grid=grid)  # checked as reconstruct checks them
         x = read_volume(recon)
-        r = read_volume(reference)
-        if x.meta.get("source_format") != "npy":  # the same grid stored in another axis order or direction
-            r = reorient_like(r, x.affine)       # is compared voxel for voxel
-        r = cut_volume(r, slices=slices, grid=grid)  # then cut, as reconstruct cuts its reference
+        # the same grid stored in another axis order or direction is compared voxel for voxel
+        r = align_reference(read_volume(reference), x, slices=slices, grid=grid)
         if x.shape == r.shape:
             check_same_grid(x, r)
         # the reference read as reconstruct reads its input (a CT in HU, or values that say so when

@@ -151,6 +151,18 @@ def cut_volume(vol: Volume, *, slices: str | None = None, grid: int | None = Non
     return vol
 
 
+def align_reference(ref: Volume, like: Volume, *, slices: str | None = None, grid: int | None = None) -> Volume:
+    """A reference volume laid out as ``like`` (a reconstruction, or the input it came from): its
+    axes permuted and flipped to run as ``like``'s (unless ``like`` is a NumPy array, which has no
+    geometry), then cut with ``--slices`` and ``--grid`` as the input was. ``reconstruct
+    --reference`` and ``d3ip metrics`` both use it."""
+    from d3ip_cli.io.volumes import reorient_like
+
+    if like.meta.get("source_format") != "npy":
+        ref = reorient_like(ref, like.affine)
+    return cut_volume(ref, slices=slices, grid=grid)
+
+
 def _json_meta(meta: dict[str, Any]) -> dict[str, Any]:
     """The JSON-serialisable part of a volume's metadata."""
     out = {}
@@ -371,12 +383,9 @@ def load_problem(input_path: str | os.PathLike, cfg: ReconConfig, *, device: tor
     problem = problem_from_volume(vol, cfg, device=device, source=str(p.resolve()))
     problem.warnings.extend(vol.meta.get("problems", []) or [])
     if reference_path is not None:
-        from d3ip_cli.io.volumes import check_same_grid, reorient_like
+        from d3ip_cli.io.volumes import check_same_grid
 
-        ref = prepare_volume(reference_path)
-        if vol.meta.get("source_format") != "npy":  # the input's axis order and directions, then its cut
-            ref = reorient_like(ref, vol.affine)
-        ref = cut_volume(ref, slices=cfg.slices, grid=cfg.grid)
+        ref = align_reference(prepare_volume(reference_path), vol, slices=cfg.slices, grid=cfg.grid)
         if ref.shape != vol.shape:
             raise InputDataError(f"--reference has shape {list(ref.shape)}, the reconstruction grid is {list(vol.shape)}")
         check_same_grid(vol, ref, what="--reference")
