@@ -2,6 +2,7 @@
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -198,3 +199,26 @@ def test_unreadable_data_leaves_no_results_folder(tmp_path):
         with pytest.raises(Exception, match=exc):
             runner.run_benchmark(TINY, tmp_path / "out", data=data, methods=["fbp"], isolate=False)
         assert not (tmp_path / "out").exists()
+
+
+def test_a_run_whose_record_cannot_be_written_leaves_no_reconstruction(tmp_path, monkeypatch):
+    import d3ip_cli.io.atomic as atomic
+    from d3ip_cli.core.types import Volume
+    from d3ip_cli.io.volumes import write_volume
+
+    data = np.random.default_rng(0).random((4, 32, 32)).astype(np.float32) * 100
+    path = write_volume(Volume(data=data, affine=np.eye(4), meta={"modality": "CT", "units": "a.u."}),
+                        tmp_path / "scan.nii.gz")
+    real = atomic.write_json
+
+    def failing(p, doc, overwrite=True):
+        if Path(p).name == "fbp.nii.gz.json":
+            raise OSError("disk full")
+        return real(p, doc, overwrite=overwrite)
+
+    monkeypatch.setattr(atomic, "write_json", failing)
+    suite = Suite(name="t", description="t", cases=(), methods=("fbp",), slices=2, grid=32, preset="fast",
+                  tune_grid={}, data_tasks=("sv8",), data_methods=("fbp",))
+    doc = runner.run_benchmark(suite, tmp_path / "out", data=[path], isolate=False)
+    assert [r["status"] for r in doc["rows"]] == ["failed"] and "disk full" in doc["rows"][0]["error"]
+    assert not list((tmp_path / "out" / "runs").rglob("fbp.nii.gz"))  # no result without its record

@@ -54,6 +54,23 @@ def test_ct_sparse_view_on_real_ct(cli, ct_slice, tmp_path, method):
     assert side["intensity"]["kind"] == "ct-attenuation" and side["metrics"] == m
 
 
+def test_threads_are_set_recorded_and_checked(cli, anatomy, tmp_path):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        doc = _run(cli, [anatomy, "--task", "cs-mri", "--method", "zero-filled", "--slices", "8:10", "--threads", "1",
+                         "-o", tmp_path / "zf.nii.gz"])
+        assert doc["threads"] == 1 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    r = cli(["reconstruct", anatomy, "--task", "cs-mri", "--method", "zero-filled", "--threads", "0",
+             "-o", tmp_path / "zf0.nii.gz"])
+    assert r.exit_code == 2 and "--threads must be at least 1" in r.output
+    assert not (tmp_path / "zf0.nii.gz").exists()
+    assert torch.get_num_threads() == before
+
+
 def test_limited_angle_tv_on_mr_volume_with_slab(cli, anatomy, tmp_path):
     doc = _run(cli, [anatomy, "--task", "limited-angle", "--arc", "120", "--method", "tv", "--slices", "10:13",
                      "-o", tmp_path / "la.npy"])

@@ -281,6 +281,8 @@ def test_adapter_options_are_checked_before_any_work(cli, prior, volume, tmp_pat
     mri = ["reconstruct", volume, "--task", "cs-mri", "--prior", prior, "--steps", "2", "--adapt-iters", "1"]
     r = cli([*mri, "--adapter", tmp_path / "no" / "dir" / "a.safetensors", "-o", tmp_path / "o3m.npy"])
     assert r.exit_code == 0 and "was adapted on --task sparse-view data; this run is --task cs-mri" in r.stderr, r.output
+    said = r.stderr.index("was adapted on --task")  # said once, before the sampling steps, not after the run
+    assert r.stderr.count("was adapted on --task") == 1 and said < r.stderr.index("2/2"), r.stderr
     before = saved.read_bytes() if (saved := tmp_path / "no" / "dir" / "a.safetensors").exists() else None
     r = cli([*base, "--adapter", saved, "--save-adapter", saved, "--overwrite", "-o", tmp_path / "o3c.npy"])
     assert r.exit_code == 4 and "would replace the input" in r.stderr, r.output  # the adapter read is an input

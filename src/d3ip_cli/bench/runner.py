@@ -447,7 +447,7 @@ def _run_here(case: Case, method: str, suite: Suite, out_dir: Path, *, prior: st
               weight: float | None = None, tuning_time: float | None = None, argv: list[str] | None = None,
               fresh_process: bool = False) -> RunOutcome:
     from d3ip_cli.engine import recon as engine
-    from d3ip_cli.io.atomic import sidecar_path, write_json
+    from d3ip_cli.io.atomic import remove_outputs, sidecar_path, write_json
 
     row = _blank_row(case, method, seed, device, weight, tuning_time)
     rel = Path("runs") / case.id / f"{method}.nii.gz"
@@ -467,8 +467,10 @@ def _run_here(case: Case, method: str, suite: Suite, out_dir: Path, *, prior: st
         doc["memory"] = mem
         write_json(sidecar_path(path), doc, overwrite=True)
     except (KeyboardInterrupt, MemoryError):
+        remove_outputs(rec)  # all or nothing: no reconstruction without its run record
         raise
     except Exception as exc:  # noqa: BLE001 - one failed run is a row, not the end of the benchmark
+        remove_outputs(rec)
         msg = str(exc).splitlines()[0] if str(exc) else ""
         row.update(status="failed", error=msg if isinstance(exc, D3ipError) else f"{type(exc).__name__}: {msg}")
         return RunOutcome(row)

@@ -38,6 +38,8 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print the run record as o
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed (all randomness derives from it).")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
 OutputOpt = Annotated[Optional[Path], typer.Option("-o", "--output", help="Output path.")]
+ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", help="CPU threads of torch (default: torch's choice, "
+                                                                      "or OMP_NUM_THREADS; under torchrun, per process).")]
 
 # Task options shared by simulate and reconstruct (validated by d3ip_cli.core.config).
 TaskOpt = Annotated[Optional[str], typer.Option("--task", help="sparse-view, limited-angle or cs-mri.")]
@@ -55,6 +57,19 @@ I0Opt = Annotated[float, typer.Option("--i0", help="poisson: incident photons pe
 SigmaOpt = Annotated[float, typer.Option("--sigma", help="gaussian: noise std relative to the RMS of the data.")]
 SeriesOpt = Annotated[Optional[str], typer.Option("--series", help="DICOM SeriesInstanceUID (prefix) to read.")]
 FrameOpt = Annotated[Optional[int], typer.Option("--frame", help="Volume index of a 4D input (ISMRMRD: repetition).")]
+
+
+def set_threads(threads: int | None) -> None:
+    """Apply ``--threads`` (``None``: leave torch's choice); fewer than one is a usage error."""
+    if threads is None:
+        return
+    if threads < 1:
+        from d3ip_cli.core.errors import UsageError
+
+        raise UsageError(f"--threads must be at least 1, got {threads}")
+    import torch
+
+    torch.set_num_threads(threads)
 
 
 def log(message: str) -> None:

@@ -7,7 +7,18 @@ from typing import Annotated, Optional
 
 import typer
 
-from d3ip_cli.cli._common import STATE, DeviceOpt, OverwriteOpt, SeedOpt, emit_json, err_console, guarded, log, warn
+from d3ip_cli.cli._common import (
+    STATE,
+    DeviceOpt,
+    OverwriteOpt,
+    SeedOpt,
+    emit_json,
+    err_console,
+    guarded,
+    log,
+    set_threads,
+    warn,
+)
 
 
 def _print_table(doc: dict, to_stderr: bool) -> None:
@@ -84,14 +95,7 @@ def register(app: typer.Typer) -> None:
         from d3ip_cli.cli._common import progress_bar
         from d3ip_cli.core.device import resolve_device
 
-        if threads is not None:
-            if threads < 1:
-                from d3ip_cli.core.errors import UsageError
-
-                raise UsageError(f"--threads must be at least 1, got {threads}")
-            import torch
-
-            torch.set_num_threads(threads)
+        set_threads(threads)
         dev = resolve_device(device)
         method_list = [m for m in methods.split(",")] if methods is not None else None
         with progress_bar("benchmark", disable=not err_console.is_terminal) as cb:  # plain logs: one line a run

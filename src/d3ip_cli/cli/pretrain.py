@@ -7,7 +7,18 @@ from typing import Annotated, Optional
 
 import typer
 
-from d3ip_cli.cli._common import DeviceOpt, JsonOpt, OverwriteOpt, SeedOpt, emit_json, err_console, guarded, log
+from d3ip_cli.cli._common import (
+    DeviceOpt,
+    JsonOpt,
+    OverwriteOpt,
+    SeedOpt,
+    ThreadsOpt,
+    emit_json,
+    err_console,
+    guarded,
+    log,
+    set_threads,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -22,7 +33,7 @@ def register(app: typer.Typer) -> None:
         crop: Annotated[Optional[int], typer.Option("--crop", help="Train on random CROP-pixel windows (0: whole images).")] = None,
         sample_every: Annotated[Optional[int], typer.Option("--sample-every", help="Write a sample grid PNG every N steps (0: at the end only).")] = None,
         checkpoint_every: Annotated[Optional[int], typer.Option("--checkpoint-every", help="Checkpoint every N steps.")] = None,
-        threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads (default: torch's choice).")] = None,
+        threads: ThreadsOpt = None,
         resume: Annotated[bool, typer.Option("--resume", help="Continue exactly from OUTPUT's training state.")] = False,
         init: Annotated[Optional[Path], typer.Option("--init", help="Start from this prior's weights (same architecture; the head may differ, e.g. a v head from an ε prior), e.g. whole images after crops.")] = None,
         lr: Annotated[Optional[float], typer.Option("--lr", help="AdamW learning rate (default: the preset's).")] = None,
@@ -56,8 +67,7 @@ def register(app: typer.Typer) -> None:
             raise UsageError(f"-o {output}: the prior file must end in .safetensors")
         if steps is not None and steps < 1:
             raise UsageError(f"--steps must be positive, got {steps}")
-        if threads:
-            torch.set_num_threads(threads)
+        set_threads(threads)
         cfg = pt.PretrainConfig.from_preset(
             preset, resolution=resolution, steps=steps, batch_size=batch_size, seed=seed,
             crop=(None if crop == 0 else crop) if crop is not None else pt.PRESETS.get(preset, {}).get("crop"),

@@ -28,6 +28,7 @@ from d3ip_cli.cli._common import (
     SigmaOpt,
     SlicesOpt,
     STATE,
+    ThreadsOpt,
     TaskOpt,
     ViewsOpt,
     emit_json,
@@ -35,6 +36,7 @@ from d3ip_cli.cli._common import (
     log,
     warn,
     progress_bar,
+    set_threads,
 )
 
 
@@ -73,6 +75,7 @@ def register(app: typer.Typer) -> None:
         json_out: JsonOpt = False,
         seed: SeedOpt = 0,
         device: DeviceOpt = "auto",
+        threads: ThreadsOpt = None,
         overwrite: OverwriteOpt = False,
         checkpoint_dir: Annotated[Optional[str], typer.Option("--checkpoint-dir", help="Save the sampler state here every --checkpoint-every steps; SIGTERM/SIGINT save it and exit 130.")] = None,
         resume: Annotated[bool, typer.Option("--resume", help="Continue from --checkpoint-dir (a checkpoint of another input or configuration is refused, exit 3).")] = False,
@@ -131,6 +134,7 @@ def register(app: typer.Typer) -> None:
             checkpoint_every=checkpoint_every, adapter=adapter, save_adapter=save_adapter, precision=precision)
         from d3ip_cli.engine import distributed
 
+        set_threads(threads)
         dev = resolve_device(device)
         if distributed.init_from_env(dev):
             dev = distributed.local_device(dev)
@@ -192,19 +196,19 @@ def register(app: typer.Typer) -> None:
         if cfg.save_adapter:
             check_output(cfg.save_adapter, overwrite, inputs)
 
-        record = RunRecord("reconstruct")
+        shown: set[str] = set()  # each warning is said once, when it is known: before a long run, not after it
+
+        def early(w: str) -> None:
+            if rank == 0 and w not in shown:
+                warn(w)
+                shown.add(w)
+
+        record = RunRecord("reconstruct", on_warning=early)
         record.add_input(input)
         if reference is not None:
             record.add_input(reference, role="reference")
         if cfg.adapter:
             record.add_input(cfg.adapter, role="adapter")
-        shown: list[str] = []  # warnings known from the input are said before the run, not after it
-
-        def early(w: str) -> None:
-            if rank == 0:
-                warn(w)
-                shown.append(w)
-
         with progress_bar(cfg.method, disable=rank != 0) as cb:
             result = engine.reconstruct(input, cfg, device=dev, record=record, progress=cb, reference_path=reference,
                                         on_warning=early)
@@ -223,11 +227,6 @@ def register(app: typer.Typer) -> None:
             raise
         if world_size > 1:
             distributed.barrier()
-        for w in record["warnings"]:  # on stderr with --json too; before the summary, so the last line says what was written
-            if w in shown:
-                shown.remove(w)
-            else:
-                warn(w)
         if json_out:
             emit_json(record.doc)
             return

@@ -16,7 +16,7 @@ import resource
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from d3ip_cli import __version__
 
@@ -62,8 +62,10 @@ class RunRecord:
     ``seed``, ``device``, ``prior_sha256``, ``metrics``. Commands fill what applies.
     """
 
-    def __init__(self, command: str, argv: list[str] | None = None) -> None:
+    def __init__(self, command: str, argv: list[str] | None = None,
+                 on_warning: Callable[[str], None] | None = None) -> None:
         self._t0 = time.perf_counter()
+        self.on_warning = on_warning  # told of each warning as it is recorded (a CLI says it at once)
         self.doc: dict[str, Any] = {
             "tool": "d3ip",
             "version": __version__,
@@ -120,6 +122,8 @@ class RunRecord:
 
     def warn(self, message: str) -> None:
         self.doc["warnings"].append(message)
+        if self.on_warning is not None:
+            self.on_warning(message)
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:

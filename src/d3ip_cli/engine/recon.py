@@ -507,6 +507,7 @@ def reconstruct(input_path: str | os.PathLike, cfg: ReconConfig, *, device: torc
         record["task"] = problem.task
         record["seed"] = cfg.seed
         record["device"] = str(device)
+        record["threads"] = torch.get_num_threads()
         record["config"] = cfg.model_dump()
         record["intensity"] = problem.scale.to_dict()
         record["operator"] = {**spec, "repr": repr(problem.op)}
