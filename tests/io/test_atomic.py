@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from d3ip_cli.core.errors import OutputError
@@ -78,3 +80,30 @@ def test_an_error_with_a_blank_message_still_gives_a_line():
     from d3ip_cli.io.atomic import os_error_text
 
     assert os_error_text(OSError("\n")) == "OSError"
+
+
+def test_leftovers_of_a_killed_writer_on_this_host_are_removed_and_no_others(tmp_path):
+    import socket
+    import subprocess
+
+    from d3ip_cli.io.atomic import PARTIAL_PREFIX, atomic_output
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a pid that no longer runs
+    host = socket.gethostname()
+    names = {
+        "killed": f"{PARTIAL_PREFIX}out.nii.gz-0123abcd-pid{gone.pid}@{host}",
+        "killed_old": f"{PARTIAL_PREFIX}old-out.nii.gz-0123abcd-pid{gone.pid}@{host}",
+        "live": f"{PARTIAL_PREFIX}out.nii.gz-4567abcd-pid{os.getppid()}@{host}",
+        "other_host": f"{PARTIAL_PREFIX}out.nii.gz-89ababcd-pid{gone.pid}@elsewhere-{host}",
+        "other_target": f"{PARTIAL_PREFIX}other.nii.gz-0123abcd-pid{gone.pid}@{host}",
+        "unnamed": f"{PARTIAL_PREFIX}out.nii.gz-0123abcd",  # an older version's name: whose it is is unknown
+    }
+    for n in names.values():
+        (tmp_path / n).mkdir()
+    with atomic_output(tmp_path / "out.nii.gz") as tmp:
+        tmp.write_bytes(b"x")
+    left = {p.name for p in tmp_path.iterdir()}
+    assert (tmp_path / "out.nii.gz").read_bytes() == b"x"
+    assert names["killed"] not in left and names["killed_old"] not in left
+    assert {names[k] for k in ("live", "other_host", "other_target", "unnamed")} <= left

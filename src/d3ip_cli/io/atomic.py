@@ -3,7 +3,9 @@
 Every writer goes through :func:`atomic_output`: the file or directory is built under
 a hidden temporary name beside the target and renamed into place only when complete,
 so a killed write never leaves something that looks finished. An existing target is
-refused unless ``overwrite`` is true.
+refused unless ``overwrite`` is true. The hidden name records the writer's host and process;
+a later write of the same target removes such leftovers of a process of this host that no
+longer runs (a SIGKILL leaves them), never those of a live process or of another host.
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
+import socket
 import uuid
 from pathlib import Path
 from typing import Any, Iterator
@@ -19,6 +23,35 @@ from typing import Any, Iterator
 from d3ip_cli.core.errors import OutputError
 
 PARTIAL_PREFIX = ".d3ip-partial-"
+_WRITER = re.compile(r"-pid(\d+)@([^/]+)$")
+
+
+def _partial_name(kind: str, target: Path) -> Path:
+    """``.d3ip-partial-[old-]NAME-XXXXXXXX-pidPID@HOST`` beside ``target``."""
+    return target.parent / f"{PARTIAL_PREFIX}{kind}{target.name}-{uuid.uuid4().hex[:8]}-pid{os.getpid()}@{socket.gethostname()}"
+
+
+def _process_gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # alive, owned by someone else
+        return False
+    return False
+
+
+def remove_stale_partials(target: Path) -> None:
+    """Remove the hidden leftovers of earlier writes of ``target`` whose process (on this host) is gone."""
+    host = socket.gethostname()
+    for kind in ("", "old-"):
+        stem = f"{PARTIAL_PREFIX}{kind}{target.name}-"
+        with contextlib.suppress(OSError):
+            for c in target.parent.iterdir():
+                m = _WRITER.search(c.name)
+                if (c.name.startswith(stem) and m and m.group(2) == host and int(m.group(1)) != os.getpid()
+                        and re.fullmatch(r"[0-9a-f]{8}", c.name[len(stem):m.start()]) and _process_gone(int(m.group(1)))):
+                    _remove(c)
 
 
 def written_by_d3ip(path: Path) -> bool:
@@ -95,7 +128,8 @@ def atomic_output(path: str | os.PathLike, overwrite: bool = False, directory: b
     On any exception the temporary file or directory is removed and nothing is left.
     """
     target = check_output(path, overwrite, series=directory)
-    tmp = target.parent / f"{PARTIAL_PREFIX}{target.name}-{uuid.uuid4().hex[:8]}"
+    remove_stale_partials(target)
+    tmp = _partial_name("", target)
     try:
         if directory:
             tmp.mkdir()
@@ -103,7 +137,7 @@ def atomic_output(path: str | os.PathLike, overwrite: bool = False, directory: b
         if target.exists():
             if not overwrite and not (directory and _empty_dir(target)):
                 raise OutputError(f"output {target} appeared while writing (use --overwrite)")
-            old = target.parent / f"{PARTIAL_PREFIX}old-{target.name}-{uuid.uuid4().hex[:8]}"
+            old = _partial_name("old-", target)
             os.replace(target, old)
             os.replace(tmp, target)
             _remove(old)
