@@ -85,15 +85,30 @@ def test_foreign_adapter_refused(tmp_path):
         lora.load_adapter(path, third)
 
 
-def test_merged_inference_equals_two_path_forward():
+def test_the_merged_kernel_equals_the_two_path_form_in_values_and_gradients(monkeypatch):
+    """Each adapted layer runs ``(W + s U D) x`` as one kernel; it must equal ``W x + s U(D x)``
+    (the form of the reference) in the output and in the adapter's gradients."""
     net = _net()
     params = lora.inject_lora(net, rank=3)
     with torch.no_grad():
         for p in params:
             p.add_(0.05 * torch.randn_like(p))
     x, t = torch.randn(2, 1, 16, 16), torch.tensor([5, 700])
-    with torch.enable_grad():
-        two_path = net(x, t)
+
+    def out_and_grads():
+        for p in params:
+            p.grad = None
+        out = net(x, t)
+        out.square().sum().backward()
+        return out.detach(), [p.grad.clone() for p in params]
+
+    merged, g_merged = out_and_grads()
     with torch.no_grad():
-        merged = net(x, t)
-    assert torch.allclose(two_path, merged, atol=1e-5)
+        assert torch.equal(net(x, t), merged)  # inference takes the same path
+    monkeypatch.setattr(lora.LoRAConv2d, "forward", lambda self, v: self.base(v) + self.scale * self.up(self.down(v)))
+    monkeypatch.setattr(lora.LoRALinear, "forward", lambda self, v: self.base(v) + self.scale * self.up(self.down(v)))
+    two_path, g_two = out_and_grads()
+    assert torch.allclose(two_path, merged, rtol=1e-5, atol=1e-5)
+    for a, b in zip(g_merged, g_two):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6 * float(b.abs().max()))
+    assert any(float(g.abs().max()) > 0 for g in g_two)

@@ -11,6 +11,13 @@ to zero (so the adapted network starts exactly at the prior), and ``s = 1``. The
 weights are frozen and never modified; optionally the biases of the adapted blocks are
 trained too (as the reference implementation does).
 
+Since ``U`` is 1x1, ``W x + s U(D x) = (W + s U D) x``: every forward pass, with or without
+gradients, is one convolution (or matrix product) with the merged kernel, and autograd
+takes the kernel's gradient back to ``U`` and ``D``. This is exact and, on a CPU, 1.2-1.8x
+faster for an adaptation step than running ``D`` and ``U`` as two extra convolutions
+(``scripts/bench_lora.py``): a convolution with ``r`` output channels is nearly as slow as
+the base one.
+
 The adapted parameters form a small state dict (:func:`adapter_state`) that is saved
 and loaded as safetensors without any copy of the base weights.
 """
@@ -45,11 +52,9 @@ class LoRAConv2d(nn.Module):
         r""":math:`W + s\,U D` as one kernel (the 1x1 up-projection composes exactly with ``D``)."""
         return self.base.weight + self.scale * torch.einsum("or,rikl->oikl", self.up.weight[:, :, 0, 0], self.down.weight)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.is_grad_enabled():  # inference: one convolution with the merged kernel
-            return F.conv2d(x, self.merged_weight(), self.base.bias, self.base.stride, self.base.padding,
-                            self.base.dilation, self.base.groups)
-        return self.base(x) + self.scale * self.up(self.down(x))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # one convolution with the merged kernel
+        return F.conv2d(x, self.merged_weight(), self.base.bias, self.base.stride, self.base.padding,
+                        self.base.dilation, self.base.groups)
 
 
 class LoRALinear(nn.Module):
@@ -65,9 +70,7 @@ class LoRALinear(nn.Module):
         self.scale = scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.is_grad_enabled():
-            return F.linear(x, self.base.weight + self.scale * self.up.weight @ self.down.weight, self.base.bias)
-        return self.base(x) + self.scale * self.up(self.down(x))
+        return F.linear(x, self.base.weight + self.scale * self.up.weight @ self.down.weight, self.base.bias)
 
 
 def _target_blocks(model: nn.Module) -> list[nn.Module]:
