@@ -71,6 +71,24 @@ def test_threads_are_set_recorded_and_checked(cli, anatomy, tmp_path):
     assert torch.get_num_threads() == before
 
 
+def test_fbp_filter_and_tv_through_slice_weight_options(cli, ct_slice, anatomy, tmp_path):
+    ram = _run(cli, [ct_slice, "--task", "sparse-view", "--method", "fbp", "--grid", "64", "-o", tmp_path / "r.npy"])
+    hann = _run(cli, [ct_slice, "--task", "sparse-view", "--method", "fbp", "--filter", "Hann", "--grid", "64",
+                      "-o", tmp_path / "h.npy"])
+    assert hann["config"]["filter"] == "Hann" and ram["config"]["filter"] is None
+    assert not np.allclose(read_volume(tmp_path / "r.npy").data, read_volume(tmp_path / "h.npy").data)
+    base = [anatomy, "--task", "cs-mri", "--method", "tv", "--slices", "8:12", "--weight", "1e-3"]
+    coupled = _run(cli, [*base, "-o", tmp_path / "c.npy"])
+    apart = _run(cli, [*base, "--weight-z", "0", "-o", tmp_path / "a.npy"])  # slice by slice
+    assert apart["config"]["weight_z"] == 0 and coupled["metrics"]["psnr"] != apart["metrics"]["psnr"]
+    for extra, text in ((["--method", "fbp", "--filter", "bogus"], "--filter bogus: not an FBP filter"),
+                        (["--method", "tv", "--filter", "hann"], "--filter does not apply to method tv"),
+                        (["--method", "fbp", "--weight-z", "0.1"], "--weight-z does not apply to method fbp")):
+        r = cli(["reconstruct", ct_slice, "--task", "sparse-view", *extra, "-o", tmp_path / "bad.npy"])
+        assert r.exit_code == 2 and text in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.output
+        assert not (tmp_path / "bad.npy").exists()
+
+
 def test_limited_angle_tv_on_mr_volume_with_slab(cli, anatomy, tmp_path):
     doc = _run(cli, [anatomy, "--task", "limited-angle", "--arc", "120", "--method", "tv", "--slices", "10:13",
                      "-o", tmp_path / "la.npy"])

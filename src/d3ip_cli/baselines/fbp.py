@@ -22,7 +22,7 @@ def fbp(op: LinearOperator, y: torch.Tensor, *, filter: str = "ram-lak", generat
     if not isinstance(op, ParallelBeamCT):
         raise UsageError("method fbp applies to CT tasks (sparse-view, limited-angle)")
     if filter not in FBP_FILTERS:
-        raise UsageError(f"unknown FBP filter {filter!r}: choose one of {', '.join(FBP_FILTERS)}")
+        raise UsageError(f"--filter {filter}: not an FBP filter; choose one of {', '.join(FBP_FILTERS)}")
     with torch.no_grad():
         x = op.fbp(y, filter)
     if progress is not None:

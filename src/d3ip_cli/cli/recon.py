@@ -83,7 +83,9 @@ def register(app: typer.Typer) -> None:
         format: Annotated[Optional[str], typer.Option("--format", help="Output format: nifti, npy or dicom.")] = None,
         series: SeriesOpt = None,
         frame: FrameOpt = None,
-        weight: Annotated[Optional[float], typer.Option("--weight", help="Regularisation weight (tv, l1-wavelet).")] = None,
+        weight: Annotated[Optional[float], typer.Option("--weight", help="Regularisation weight (tv, l1-wavelet; tv: in-plane).")] = None,
+        weight_z: Annotated[Optional[float], typer.Option("--weight-z", help="tv: through-slice weight (default: --weight's; 0 = slice by slice).")] = None,
+        fbp_filter: Annotated[Optional[str], typer.Option("--filter", help="fbp: ram-lak (default), shepp-logan, cosine, hamming or hann.")] = None,
         steps: Annotated[Optional[int], typer.Option("--steps", help="Diffusion: DDIM steps T (preset: fast 20, standard 50).", rich_help_panel="Diffusion engine")] = None,
         t_start: Annotated[Optional[int], typer.Option("--t-start", help="Diffusion: spread the steps over [0, T0) of the 1000 training steps, starting from the initial estimate diffused to the first (preset: fast 60 for CT, 250 for MRI; standard 1000 = from noise).", rich_help_panel="Diffusion engine")] = None,
         eta: Annotated[Optional[float], typer.Option("--eta", help="Diffusion: DDIM stochasticity η (default 0.85; 0 = ODE).", rich_help_panel="Diffusion engine")] = None,
@@ -128,7 +130,7 @@ def register(app: typer.Typer) -> None:
         cfg = ReconConfig.from_options(
             task=task, views=views, arc=arc, acceleration=acceleration, mask=mask, center_fraction=center_fraction,
             coils=coils, backend=backend, slices=slices, grid=grid, noise=noise, i0=i0, sigma=sigma, method=method,
-            prior=prior, preset=preset, seed=seed, samples=samples, weight=weight, format=format, series=series,
+            prior=prior, preset=preset, seed=seed, samples=samples, weight=weight, weight_z=weight_z, filter=fbp_filter, format=format, series=series,
             frame=frame, checkpoint_dir=checkpoint_dir, resume=resume, steps=steps, t_start=t_start, eta=eta, adapt_iters=adapt_iters,
             adapt_batch=adapt_batch, lr=lr, lora_rank=lora_rank, train_bias=train_bias, cg_iter=cg_iter, gamma=gamma, lam=lam,
             checkpoint_every=checkpoint_every, adapter=adapter, save_adapter=save_adapter, precision=precision)

@@ -120,6 +120,8 @@ class ReconConfig(TaskOptions, NoiseOptions):
     seed: int = 0
     samples: int = Field(1, ge=1, le=1000)
     weight: Optional[float] = Field(None, gt=0)
+    weight_z: Optional[float] = Field(None, ge=0)
+    filter: Optional[str] = None
     slices: Optional[str] = None
     grid: Optional[int] = Field(None, ge=8, le=4096)
     series: Optional[str] = None

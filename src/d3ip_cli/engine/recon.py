@@ -399,8 +399,13 @@ def load_problem(input_path: str | os.PathLike, cfg: ReconConfig, *, device: tor
 
 
 def method_params(cfg: ReconConfig) -> dict[str, Any]:
-    """Method parameters taken from the options (``--weight``, engine settings such as ``--steps``)."""
+    """Method parameters taken from the options (``--weight``, ``--weight-z``, ``--filter``, engine settings
+    such as ``--steps``); one that the method does not take is refused by ``check_params``."""
     params: dict[str, Any] = {} if cfg.weight is None else {"weight": float(cfg.weight)}
+    if cfg.weight_z is not None:
+        params["weight_z"] = float(cfg.weight_z)
+    if cfg.filter is not None:
+        params["filter"] = cfg.filter.strip().lower()
     for name in cfg.ENGINE_FIELDS:
         value = getattr(cfg, name)
         if value is not None:
