@@ -111,7 +111,7 @@ def test_an_mr_volume_with_a_few_undershoots_below_minus_500_is_not_written_as_c
 
     import pydicom
 
-    from d3ip_cli.engine.intensity import reaches_hu_air
+    from d3ip_cli.core.types import reaches_hu_air
 
     src = os.path.join(os.path.dirname(nib.__file__), "tests", "data", "anatomical.nii")
     r = cli(["convert", src, "-o", tmp_path / "t1", "--format", "dicom"])

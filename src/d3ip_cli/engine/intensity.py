@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from d3ip_cli.core.types import reaches_hu_air
+
 MU_WATER_PER_MM = 0.0192
 HU_FLOOR = -1024.0
 
@@ -68,23 +70,6 @@ def robust_max(v: np.ndarray, percentile: float = 99.5) -> float:
     if not m > 0:
         m = float(a.max()) if a.size and a.max() > 0 else 1.0
     return m
-
-
-HU_AIR_LIKE = -500.0
-"""Values at or below this read as HU air."""
-
-HU_AIR_FRACTION = 0.01
-"""...in at least this fraction of the voxels: a CT image holds air around the body or in the
-lungs (CT_small.dcm: 21 %), while an MR image's negative values are a few filter undershoots
-(nibabel's anatomical.nii reaches -610 in 0.009 % of its voxels)."""
-
-
-def reaches_hu_air(data: np.ndarray) -> bool:
-    """Whether values read as HU: at least 1 % of the voxels at or below -500 (HU-like air). The
-    one rule for images that do not record their units: a CT task's normalisation, and
-    the SOP class ``d3ip convert`` picks for DICOM."""
-    a = np.asarray(data)
-    return a.size > 0 and float(np.count_nonzero(a <= HU_AIR_LIKE)) >= HU_AIR_FRACTION * a.size
 
 
 def hu_by_values(data: np.ndarray, modality: str, units: str, task_modality: str) -> bool:

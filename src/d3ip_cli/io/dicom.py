@@ -708,7 +708,7 @@ def _pick_modality(volume: Volume) -> str:
     mod = volume.modality
     if mod in ("CT", "MR"):
         return mod
-    from d3ip_cli.engine.intensity import reaches_hu_air
+    from d3ip_cli.core.types import reaches_hu_air
 
     choice = "CT" if reaches_hu_air(volume.data) else "MR"
     reason = ("values reach HU-like air (<= -500 in at least 1% of the voxels)" if choice == "CT"
