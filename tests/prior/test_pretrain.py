@@ -110,7 +110,44 @@ def test_existing_output_not_overwritten(cli, tmp_path):
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes_identical_parameters(tmp_path):
+def test_an_interrupted_run_leaves_its_state_but_no_prior_that_looks_finished(cli, tmp_path):
+    out = tmp_path / "p.safetensors"
+    cfg = pt.PretrainConfig.from_preset("tiny", steps=6, checkpoint_every=2, sample_every=0)
+
+    def stop_at_3(info):
+        if info["step"] == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        pt.train(cfg, out, progress=stop_at_3)
+    assert pt.state_path(out).exists() and not out.exists()  # the state of step 2 only
+    r = cli(["pretrain-phantom", "-o", out, "--preset", "tiny", "--steps", "6", "--checkpoint-every", "2",
+             "--sample-every", "0", "--resume"])
+    assert r.exit_code == 0, r.output
+    assert ckpt.read_metadata(out)["steps"] == 6 and (tmp_path / "p.samples.png").exists()
+    # stopped after the last step, before the figures: --resume writes what the end of a run writes
+    out.unlink()
+    (tmp_path / "p.samples.png").unlink()
+    r = cli(["pretrain-phantom", "-o", out, "--preset", "tiny", "--steps", "6", "--checkpoint-every", "2",
+             "--sample-every", "0", "--resume"])
+    assert r.exit_code == 0, r.output
+    assert ckpt.read_metadata(out)["steps"] == 6 and (tmp_path / "p.samples.png").exists()
+    assert (tmp_path / "p.safetensors.json").exists()
+
+
+def test_an_interrupt_names_the_state_to_resume(cli, tmp_path, monkeypatch):
+    out = tmp_path / "p.safetensors"
+
+    def interrupted(cfg, output, **kw):
+        pt.state_path(output).write_bytes(b"state")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pt, "train", interrupted)
+    r = cli(["pretrain-phantom", "-o", out, "--preset", "tiny", "--steps", "6"])
+    assert r.exit_code == 130 and "continue with --resume" in r.stderr and not out.exists(), r.output
+
+
+def test_torchrun_two_processes_identical_parameters(cli, tmp_path):
     torchrun = Path(sys.executable).parent / "torchrun"
     assert torchrun.exists()
     out = tmp_path / "ddp.safetensors"
@@ -123,6 +160,8 @@ def test_torchrun_two_processes_identical_parameters(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     meta = ckpt.read_metadata(out)
     assert meta["training"]["world_size"] == 2 and meta["images_seen"] == 4 * 8 * 2
+    r = cli(["pretrain-phantom", "-o", out, "--preset", "tiny", "--steps", "6", "--resume"])  # one process
+    assert r.exit_code == 3 and "trained by 2 process(es), this run has 1" in r.stderr, r.output
     # each rank dumps a parameter checksum when D3IP_DUMP_PARAMS is set; compare via a second run
     env["D3IP_DUMP_PARAMS"] = str(tmp_path / "rank{rank}.pt.safetensors")
     out2 = tmp_path / "ddp2.safetensors"

@@ -135,8 +135,15 @@ def register(app: typer.Typer) -> None:
                         f"{time.perf_counter() - t0:.0f} s")
 
             t0 = time.perf_counter()
-            meta = pt.train(cfg, output, resume=resume, device=dev, progress=progress, on_checkpoint=on_checkpoint,
-                            argv=list(__import__("sys").argv), init=init)
+            try:
+                meta = pt.train(cfg, output, resume=resume, device=dev, progress=progress, on_checkpoint=on_checkpoint,
+                                argv=list(__import__("sys").argv), init=init)
+            except KeyboardInterrupt:
+                from d3ip_cli.core.errors import Interrupted
+
+                state = pt.state_path(output)
+                raise Interrupted(f"interrupted; the training state of the last checkpoint is in {state} (continue "
+                                  "with --resume)" if state.exists() else "interrupted before the first checkpoint") from None
         if rank != 0:
             return
         from d3ip_cli.prior import checkpoint as ckpt

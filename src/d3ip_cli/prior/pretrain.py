@@ -260,6 +260,11 @@ def train(
             diff = ", ".join(f"{k} {theirs.get(k)!r} (now {ours.get(k)!r})" for k in ours if theirs.get(k) != ours.get(k))
             raise InputDataError(f"--resume: {spath} was written with different settings ({diff}); "
                                  "refusing to mix runs")
+        was = int((meta.get("training") or {}).get("world_size", 1))
+        if was != world:  # the images per step (batch x processes) would change, and the count of images seen
+            raise InputDataError(f"--resume: {spath} was trained by {was} process(es), this run has {world}: "
+                                 f"resume with {was} (torchrun --nproc-per-node {was})" if was > 1 else
+                                 f"--resume: {spath} was trained by 1 process, this run has {world}: resume without torchrun")
         has_live = any(k.startswith("model.") for k in tensors)  # an EMA-only slim state has none
         try:
             if has_live:
@@ -275,7 +280,14 @@ def train(
         data_offset = int(meta.get("data_step_offset", 0))
         start = int(meta["steps"])
         wall_before = float(meta.get("wall_time_s", 0.0))
-        if start >= cfg.steps:
+        if start >= cfg.steps:  # trained to the end before: write again what the end of a run writes
+            prior_meta = {k: v for k, v in meta.items() if k not in ("format", "identity")}
+            if rank == 0:
+                ckpt.save_prior(output, ema, prior_meta)
+                done_meta = dict(prior_meta, architecture=model.config.to_dict())
+                if on_checkpoint is not None:
+                    on_checkpoint(start, ema, done_meta)
+                return done_meta
             return meta
 
     net: nn.Module = model
@@ -324,7 +336,7 @@ def train(
         done = step + 1
         if rank == 0 and (done % max(1, cfg.checkpoint_every) == 0 or done == cfg.steps):
             meta = _checkpoint(cfg, output, model, ema, opt, params, losses, done, world,
-                               wall_before + now - t0, argv, lineage, data_offset)
+                               wall_before + now - t0, argv, lineage, data_offset, final=done == cfg.steps)
             if on_checkpoint is not None and (cfg.sample_every and done % cfg.sample_every == 0 or done == cfg.steps):
                 on_checkpoint(done, ema, meta)
     if world > 1:
@@ -433,7 +445,9 @@ def loss_summary(losses: list[float], window: int = 500) -> dict[str, Any]:
 def _checkpoint(cfg: PretrainConfig, output: str | os.PathLike, model: UNet, ema: UNet, opt: torch.optim.Optimizer,
                 params: list[nn.Parameter], losses: list[float], steps: int, world: int, wall: float,
                 argv: list[str] | None, lineage: dict[str, Any] | None = None,
-                data_offset: int = 0) -> dict[str, Any]:
+                data_offset: int = 0, final: bool = True) -> dict[str, Any]:
+    """Save the training state; at the ``final`` step also the prior itself (the output exists only
+    once training reached ``--steps``, so an interrupted run leaves no prior that looks finished)."""
     meta = {
         "version": __version__,
         "schedule": schedule.schedule_metadata(),
@@ -465,7 +479,8 @@ def _checkpoint(cfg: PretrainConfig, output: str | os.PathLike, model: UNet, ema
     state.update(_optimizer_tensors(opt, params))
     state["loss_history"] = torch.tensor(losses, dtype=torch.float32)
     ckpt.save_tensors(state_path(output), state, dict(meta, format="d3ip-train-state", identity=_jsonable(cfg.identity())))
-    ckpt.save_prior(output, ema, meta)
+    if final:
+        ckpt.save_prior(output, ema, meta)
     return dict(meta, architecture=model.config.to_dict())
 
 
