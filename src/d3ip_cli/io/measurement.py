@@ -26,6 +26,7 @@ between the data and the spec, or non-finite data, is :class:`InputDataError` (e
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 from pathlib import Path
@@ -173,8 +174,11 @@ def write_measurement(m: Measurement, path: str | os.PathLike, *, overwrite: boo
     from d3ip_cli.io.atomic import _json_default, atomic_output
 
     m.validate("measurement to write")
+    # built in memory, then written as bytes: HDF5 writing straight to a full disk crashed the
+    # process (h5py's close after a failed write) instead of raising one OSError
+    buf = io.BytesIO()
     with atomic_output(path, overwrite=overwrite) as tmp:
-        with h5py.File(tmp, "w") as f:
+        with h5py.File(buf, "w") as f:
             f.attrs["format"] = FORMAT_NAME
             f.attrs["version"] = FORMAT_VERSION
             for key in ("spec", "intensity", "grid", "provenance", "meta"):
@@ -185,6 +189,8 @@ def write_measurement(m: Measurement, path: str | os.PathLike, *, overwrite: boo
                 f.create_dataset("kspace", data=m.data.astype(np.complex64))
             for name, arr in m.arrays.items():
                 f.create_dataset(name, data=arr, compression="gzip", compression_opts=4)
+        with open(tmp, "wb") as fh:
+            fh.write(buf.getbuffer())
     return Path(path)
 
 
