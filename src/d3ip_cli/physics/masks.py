@@ -57,7 +57,7 @@ def uniform1d(shape: tuple[int, int, int], acceleration: float, center_fraction:
             offset = _randint(round(spacing), generator)
             cols = np.round(np.arange(offset, w - 1, spacing)).astype(np.int64)
             mask[i, cols[cols < w]] = 1
-    return torch.from_numpy(np.ascontiguousarray(np.broadcast_to(mask[:, None, :], (z, h, w))))
+    return torch.from_numpy(np.array(np.broadcast_to(mask[:, None, :], (z, h, w))))  # a copy: writable for any z
 
 
 def gaussian1d(shape: tuple[int, int, int], acceleration: float, center_fraction: float = 0.08,

@@ -233,7 +233,7 @@ def birdcage_maps(shape: tuple[int, int, int, int], dtype: Any = np.complex64) -
 
     z, c, h, w = shape
     maps = sigpy.mri.birdcage_maps((c, h, w)).astype(dtype)
-    return np.ascontiguousarray(np.broadcast_to(normalise_maps(maps)[None], (z, c, h, w)))
+    return np.array(np.broadcast_to(normalise_maps(maps)[None], (z, c, h, w)))  # a copy: writable for any z
 
 
 def espirit_maps(kspace: np.ndarray, calib_width: int = 24, *, thresh: float = 0.02, crop: float = 0.95,
