@@ -554,3 +554,8 @@ def test_warnings_known_from_the_input_come_before_the_run(cli, tmp_path):
     run = [i for i, line in enumerate(lines) if line.startswith("fbp:")]
     assert len(mr) == 1 and run and mr[0] < run[0], lines  # said once, before the progress
     assert lines[-1].startswith("wrote ") and any("--prior is ignored" in line for line in lines)
+
+
+def test_checkpoint_every_without_a_checkpoint_folder_is_refused(cli, anatomy, tmp_path):
+    r = cli(["reconstruct", anatomy, "--task", "sparse-view", "--checkpoint-every", "2", "-o", tmp_path / "o.nii.gz"])
+    assert r.exit_code == 2 and "give --checkpoint-dir too" in r.stderr and not (tmp_path / "o.nii.gz").exists()

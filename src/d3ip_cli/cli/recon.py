@@ -161,6 +161,10 @@ def register(app: typer.Typer) -> None:
 
             raise UsageError(f"--resume continues an interrupted diffusion run; {cfg.method} runs in one go, with "
                              "nothing to resume")
+        if checkpoint_every is not None and not checkpoint_dir:
+            from d3ip_cli.core.errors import UsageError
+
+            raise UsageError("--checkpoint-every sets how often --checkpoint-dir DIR is written: give --checkpoint-dir too")
         if resume and not checkpoint_dir:
             from d3ip_cli.core.errors import UsageError
 
