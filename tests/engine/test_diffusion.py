@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from d3ip_cli.core.errors import InputDataError, Interrupted, UsageError
-from d3ip_cli.engine.checkpointing import Checkpointer, run_key
+from d3ip_cli.engine.checkpointing import Checkpointer, run_identity
 from d3ip_cli.engine.diffusion import DIFFUSION_METHODS, reconstruct, settings_for
 
 
@@ -70,7 +70,7 @@ def test_resume_after_interrupt_is_bitwise_identical(method, tiny_prior, ct_case
     s = settings_for(method, "fast", "CT", steps=5, adapt_iters=1)
     ref = reconstruct(method, model, op, y, x0, s, generator=torch.Generator().manual_seed(3)).image
 
-    key = run_key(y, method, s.to_dict(), {})
+    key = run_identity(y, method, s.to_dict(), {})
     ck = Checkpointer(tmp_path, key, every=1)
     calls = {"n": 0}
 
@@ -92,11 +92,15 @@ def test_checkpoint_of_other_input_refused(tiny_prior, ct_case, tmp_path):
     _, model, _ = tiny_prior
     x, op, y, x0 = ct_case
     s = settings_for("d3ip", "fast", "CT", steps=4, adapt_iters=1)
-    ck = Checkpointer(tmp_path, run_key(y, "d3ip", s.to_dict(), {}), every=1)
+    ck = Checkpointer(tmp_path, run_identity(y, "d3ip", s.to_dict(), {"seed": 0}), every=1)
     ck.save({"x": torch.zeros(1)}, {"stage": "sample", "step": 0})
-    other = Checkpointer(tmp_path, run_key(y * 2, "d3ip", s.to_dict(), {}), every=1, resume=True)
-    with pytest.raises(InputDataError, match="another input"):
+    other = Checkpointer(tmp_path, run_identity(y * 2, "d3ip", s.to_dict(), {"seed": 0}), every=1, resume=True)
+    with pytest.raises(InputDataError, match=r"another input.*\(the measurement \(another input"):
         reconstruct("d3ip", model, op, y * 2, x0, s, generator=torch.Generator().manual_seed(0), checkpointer=other)
+    s2 = settings_for("d3ip", "fast", "CT", steps=3, adapt_iters=1)  # the refusal names what differs
+    other = Checkpointer(tmp_path, run_identity(y, "d3ip", s2.to_dict(), {"seed": 1}), every=1, resume=True)
+    with pytest.raises(InputDataError, match=r"\(seed 0 \(now 1\), --steps 4 \(now 3\)\)"):
+        other.load()
 
 
 def test_shard_covers_all_slices():

@@ -135,7 +135,7 @@ def _save_steps(ck: Checkpointer, steps):
 
 
 def test_checkpoint_keeps_previous_generation(tmp_path):
-    ck = Checkpointer(tmp_path, "k", every=1)
+    ck = Checkpointer(tmp_path, {"k": 1}, every=1)
     _save_steps(ck, [0, 1, 2])
     assert ck.path.exists() and ck.prev_path.exists()
     assert not list(tmp_path.glob(".d3ip-*"))  # no temporary left
@@ -144,7 +144,7 @@ def test_checkpoint_keeps_previous_generation(tmp_path):
 
     with pytest.raises(Interrupted):  # a stop at a step just saved does not overwrite .prev with it
         ck.check_stop({"x": torch.zeros(2)}, {"stage": "sample", "step": 2})
-    back = Checkpointer(tmp_path, "k", resume=True)
+    back = Checkpointer(tmp_path, {"k": 1}, resume=True)
     assert back.load()[1]["step"] == 2
     ck.path.unlink()  # killed between the renames: only .prev is left
     assert back.load()[1]["step"] == 1
@@ -156,25 +156,25 @@ def test_checkpoint_keeps_previous_generation(tmp_path):
     ((3, 2), 4, 3),  # this rank is the one behind
 ])
 def test_lockstep_resume_picks_common_step(tmp_path, monkeypatch, mine, others_max, expect):
-    ck = Checkpointer(tmp_path, "k", every=1)
+    ck = Checkpointer(tmp_path, {"k": 1}, every=1)
     _save_steps(ck, sorted(mine))
 
     def fake_all_reduce(value, op="max"):  # the other rank's view: newest step `others_max`, holds both
         return min(value, others_max) if op == "min" else value
 
     monkeypatch.setattr(distributed, "all_reduce_int", fake_all_reduce)
-    tensors, meta = Checkpointer(tmp_path, "k", resume=True).load(agree=True)
+    tensors, meta = Checkpointer(tmp_path, {"k": 1}, resume=True).load(agree=True)
     assert meta["step"] == expect and float(tensors["x"][0]) == expect
 
 
 def test_lockstep_resume_without_common_step_refused(tmp_path, monkeypatch):
-    ck = Checkpointer(tmp_path, "k", every=1)
+    ck = Checkpointer(tmp_path, {"k": 1}, every=1)
     _save_steps(ck, [4, 6])
     calls = iter([4, 0])  # the ranks' newest common step is 4, but some rank does not hold it
 
     monkeypatch.setattr(distributed, "all_reduce_int", lambda value, op="max": next(calls))
     with pytest.raises(InputDataError, match="do not share a step"):
-        Checkpointer(tmp_path, "k", resume=True).load(agree=True)
+        Checkpointer(tmp_path, {"k": 1}, resume=True).load(agree=True)
 
 
 # -- memory ------------------------------------------------------------------------------

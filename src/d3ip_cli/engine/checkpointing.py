@@ -40,24 +40,46 @@ from d3ip_cli.core.errors import InputDataError, Interrupted
 FORMAT = "d3ip-sampler-state"
 
 
-def run_key(y: torch.Tensor, method: str, settings: dict[str, Any], extra: dict[str, Any]) -> str:
-    """A hash of the measurement bytes and everything that determines the result."""
-    h = hashlib.sha256()
+def run_identity(y: torch.Tensor, method: str, settings: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """Everything that determines the result, as JSON values: the measurement's SHA-256, the method,
+    the settings and ``extra`` (seed, prior, ranks, ...)."""
     yc = y.detach().cpu().contiguous()
     if yc.is_complex():
         yc = torch.view_as_real(yc)
-    h.update(yc.numpy().tobytes())
-    h.update(json.dumps({"method": method, "settings": settings, **extra}, sort_keys=True, default=str).encode())
-    return h.hexdigest()
+    doc = {"measurement_sha256": hashlib.sha256(yc.numpy().tobytes()).hexdigest(), "method": method,
+           "settings": settings, **extra}
+    return json.loads(json.dumps(doc, sort_keys=True, default=str))
+
+
+def run_key(identity: dict[str, Any]) -> str:
+    """The hash a checkpoint must match to be resumed."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def identity_differences(theirs: dict[str, Any] | None, ours: dict[str, Any]) -> str:
+    """``"seed 0 (now 1), settings.steps 20 (now 8)"``: what differs between two run identities."""
+    if not isinstance(theirs, dict):
+        return "a checkpoint of an older version, which does not say"
+    names = {"measurement_sha256": "the measurement (another input, slab, grid or acquisition)", "world": "ranks"}
+    out = []
+    for k in sorted(set(theirs) | set(ours)):
+        a, b = theirs.get(k), ours.get(k)
+        if k == "settings" and isinstance(a, dict) and isinstance(b, dict):
+            out += [f"--{n.replace('_', '-')} {a.get(n)!r} (now {b.get(n)!r})" for n in sorted(set(a) | set(b))
+                    if a.get(n) != b.get(n)]
+        elif a != b:
+            out.append(names[k] if k == "measurement_sha256" else f"{names.get(k, k)} {a!r} (now {b!r})")
+    return ", ".join(out) or "nothing visible"
 
 
 class Checkpointer:
     """Saves/loads sampler states in ``directory`` for one rank; watches for SIGTERM/SIGINT."""
 
-    def __init__(self, directory: str | os.PathLike, key: str, *, every: int = 5, rank: int = 0,
+    def __init__(self, directory: str | os.PathLike, identity: dict[str, Any], *, every: int = 5, rank: int = 0,
                  resume: bool = False) -> None:
         self.dir = Path(directory)
-        self.key = key
+        self.identity = identity
+        self.key = run_key(identity)
         self.every = max(1, int(every))
         self.rank = rank
         self.resume = resume
@@ -105,7 +127,7 @@ class Checkpointer:
         from d3ip_cli.prior.checkpoint import save_tensors
 
         tmp = self.dir / f".d3ip-next-{self.path.name}"
-        save_tensors(tmp, tensors, dict(meta, format=FORMAT, run_key=self.key))
+        save_tensors(tmp, tensors, dict(meta, format=FORMAT, run_key=self.key, run_identity=self.identity))
         if self.path.exists():
             os.replace(self.path, self.prev_path)
         os.replace(tmp, self.path)  # a kill between the two renames leaves .prev (found by load)
@@ -123,8 +145,9 @@ class Checkpointer:
         if meta.get("format") != FORMAT:
             raise InputDataError(f"--resume: {path} is not a d3ip sampler checkpoint")
         if meta.get("run_key") != self.key:
-            raise InputDataError(f"--resume: the checkpoint in {self.dir} belongs to another input or configuration; "
-                                 "refusing to mix runs (use a new --checkpoint-dir)")
+            diff = identity_differences(meta.get("run_identity"), self.identity)
+            raise InputDataError(f"--resume: the checkpoint in {self.dir} belongs to another input or configuration "
+                                 f"({diff}); refusing to mix runs (use a new --checkpoint-dir)")
         return tensors, meta
 
     def load(self, agree: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:

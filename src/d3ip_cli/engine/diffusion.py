@@ -620,7 +620,7 @@ def run_registered(name: str, op: LinearOperator, y: torch.Tensor, x_init: torch
     import os
 
     from d3ip_cli.engine import distributed as dist
-    from d3ip_cli.engine.checkpointing import Checkpointer, run_key
+    from d3ip_cli.engine.checkpointing import Checkpointer, run_identity
     from d3ip_cli.engine.memory import plan
 
     dev = ctx.device
@@ -670,14 +670,14 @@ def run_registered(name: str, op: LinearOperator, y: torch.Tensor, x_init: torch
         gen.manual_seed(int(ctx.seed) + 1_000_003 * k)
         ck = None
         if ctx.checkpoint_dir:
-            key = run_key(y, name, key_settings, {"seed": ctx.seed, "sample": k, "prior": meta.get("sha256"),
-                                                  "world": world_size, "operator": repr(op),
-                                                  "device": dev.type,  # a CPU generator state cannot seed a CUDA one
-                                                  "adapter": _file_sha256(ctx.params.get("adapter"))})
+            identity = run_identity(y, name, key_settings, {
+                "seed": ctx.seed, "sample": k, "prior": meta.get("sha256"), "world": world_size, "operator": repr(op),
+                "device": dev.type,  # a CPU generator state cannot seed a CUDA one
+                "adapter": _file_sha256(ctx.params.get("adapter"))})
             resume_k = has_state[k]
             if lockstep:  # all ranks resume, or none (a kill can land before a rank's first save)
                 resume_k = bool(dist.all_reduce_int(int(resume_k), "min"))
-            ck = Checkpointer(f"{ctx.checkpoint_dir}/sample{k}", key, every=int(ctx.params.get("checkpoint_every", 5)),
+            ck = Checkpointer(f"{ctx.checkpoint_dir}/sample{k}", identity, every=int(ctx.params.get("checkpoint_every", 5)),
                               rank=rank, resume=resume_k)
             ck.install_signal_handlers()
         try:
