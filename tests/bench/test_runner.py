@@ -222,3 +222,17 @@ def test_a_run_whose_record_cannot_be_written_leaves_no_reconstruction(tmp_path,
     doc = runner.run_benchmark(suite, tmp_path / "out", data=[path], isolate=False)
     assert [r["status"] for r in doc["rows"]] == ["failed"] and "disk full" in doc["rows"][0]["error"]
     assert not list((tmp_path / "out" / "runs").rglob("fbp.nii.gz"))  # no result without its record
+
+
+def test_a_4d_data_file_says_how_to_take_a_frame(tmp_path):
+    import nibabel as nib
+
+    from d3ip_cli.core.errors import FrameRequired
+
+    path = tmp_path / "four.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 4, 2), np.float32), np.eye(4)), path)
+    suite = Suite(name="t", description="t", cases=(), methods=("fbp",), slices=2, grid=32, preset="fast",
+                  tune_grid={}, data_tasks=("sv8",), data_methods=("fbp",))
+    with pytest.raises(FrameRequired, match=r"d3ip convert .* --frame N -o frame.nii.gz"):
+        runner.run_benchmark(suite, tmp_path / "out", data=[path], isolate=False)
+    assert not (tmp_path / "out").exists()

@@ -186,9 +186,14 @@ def _write_phantom(out_dir: Path, n_slices: int, size: int, seed: int) -> Path:
 
 
 def _n_slices(path: Path) -> int:
+    from d3ip_cli.core.errors import FrameRequired
     from d3ip_cli.io.volumes import read_volume
 
-    return read_volume(path).shape[0]
+    try:
+        return read_volume(path).shape[0]
+    except FrameRequired as exc:  # benchmark has no --frame: say how to make a 3D file of one frame
+        raise FrameRequired(f"--data {path} is 4D with {exc.frames} frames: write one as a 3D file first "
+                            f"(d3ip convert {path} --frame N -o frame.nii.gz) and benchmark that", exc.frames) from None
 
 
 def plan_cases(suite: Suite, out_dir: Path, *, data: Sequence[str | os.PathLike] = (), methods: Sequence[str] | None = None,
