@@ -261,6 +261,8 @@ def test_adapter_options_are_checked_before_any_work(cli, prior, volume, tmp_pat
             "--adapt-iters", "1"]
     r = cli([*base, "--method", "ddip", "--save-adapter", tmp_path / "a.safetensors", "-o", tmp_path / "o1.npy"])
     assert r.exit_code == 2 and "fresh adapter per slice" in r.output and not (tmp_path / "o1.npy").exists()
+    r = cli([*base, "--save-adapter", tmp_path / "a.txt", "-o", tmp_path / "o1t.npy"])
+    assert r.exit_code == 2 and "must end in .safetensors" in r.stderr and not (tmp_path / "o1t.npy").exists()
     r = cli([*base, "--method", "dds", "--adapter", tmp_path / "a.safetensors", "-o", tmp_path / "o2.npy"])
     assert r.exit_code == 2 and "--adapter" in r.output
     r = cli([*base, "--adapter", tmp_path / "missing.safetensors", "-o", tmp_path / "o2b.npy"])

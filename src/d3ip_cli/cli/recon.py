@@ -200,6 +200,8 @@ def register(app: typer.Typer) -> None:
         if cfg.method in DIFFUSION_METHODS:
             check_grid_for_prior(cfg.prior, cfg.grid)
         if cfg.save_adapter:
+            if not str(cfg.save_adapter).endswith(".safetensors"):
+                raise UsageError(f"--save-adapter {cfg.save_adapter}: the adapter file must end in .safetensors")
             check_output(cfg.save_adapter, overwrite, inputs)
 
         shown: set[str] = set()  # each warning is said once, when it is known: before a long run, not after it
