@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 
@@ -99,11 +100,16 @@ def test_leftovers_of_a_killed_writer_on_this_host_are_removed_and_no_others(tmp
         "other_target": f"{PARTIAL_PREFIX}other.nii.gz-0123abcd-pid{gone.pid}@{host}",
         "unnamed": f"{PARTIAL_PREFIX}out.nii.gz-0123abcd",  # an older version's name: whose it is is unknown
     }
-    for n in names.values():
+    names["young"] = f"{PARTIAL_PREFIX}out.nii.gz-0123abce-pid{gone.pid}@{host}"  # may be another namespace's
+    names["no_pid"] = f"{PARTIAL_PREFIX}out.nii.gz-0123abcf-pid{10**30}@{host}"
+    old = time.time() - 2 * 3600
+    for key, n in names.items():
         (tmp_path / n).mkdir()
+        if key != "young":
+            os.utime(tmp_path / n, (old, old))
     with atomic_output(tmp_path / "out.nii.gz") as tmp:
         tmp.write_bytes(b"x")
     left = {p.name for p in tmp_path.iterdir()}
     assert (tmp_path / "out.nii.gz").read_bytes() == b"x"
     assert names["killed"] not in left and names["killed_old"] not in left
-    assert {names[k] for k in ("live", "other_host", "other_target", "unnamed")} <= left
+    assert {names[k] for k in ("live", "other_host", "other_target", "unnamed", "young", "no_pid")} <= left

@@ -109,7 +109,6 @@ def test_existing_output_not_overwritten(cli, tmp_path):
     assert r.exit_code == 4 and out.read_bytes() == b"keep"
 
 
-@pytest.mark.slow
 def test_an_interrupted_run_leaves_its_state_but_no_prior_that_looks_finished(cli, tmp_path):
     out = tmp_path / "p.safetensors"
     cfg = pt.PretrainConfig.from_preset("tiny", steps=6, checkpoint_every=2, sample_every=0)
@@ -135,6 +134,20 @@ def test_an_interrupted_run_leaves_its_state_but_no_prior_that_looks_finished(cl
     assert (tmp_path / "p.safetensors.json").exists()
 
 
+def test_an_interrupted_overwrite_leaves_nothing_of_the_previous_prior(cli, tmp_path, monkeypatch):
+    out = tmp_path / "p.safetensors"
+    assert cli(["pretrain-phantom", "-o", out, "--preset", "tiny", "--steps", "2"]).exit_code == 0
+    assert out.exists() and (tmp_path / "p.safetensors.json").exists()
+
+    def interrupted(cfg, output, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pt, "train", interrupted)
+    r = cli(["pretrain-phantom", "-o", out, "--preset", "tiny", "--steps", "4", "--overwrite"])
+    assert r.exit_code == 130 and "before the first checkpoint" in r.stderr, r.output
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith("p.")]  # not the old prior, record or state
+
+
 def test_an_interrupt_names_the_state_to_resume(cli, tmp_path, monkeypatch):
     out = tmp_path / "p.safetensors"
 
@@ -147,6 +160,7 @@ def test_an_interrupt_names_the_state_to_resume(cli, tmp_path, monkeypatch):
     assert r.exit_code == 130 and "continue with --resume" in r.stderr and not out.exists(), r.output
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_identical_parameters(cli, tmp_path):
     torchrun = Path(sys.executable).parent / "torchrun"
     assert torchrun.exists()

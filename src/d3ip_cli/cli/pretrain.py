@@ -111,6 +111,11 @@ def register(app: typer.Typer) -> None:
         stem = output.name[: -len(".safetensors")]
         samples_png = output.parent / f"{stem}.samples.png"
         loss_png = output.parent / f"{stem}.loss.png"
+        if not resume and rank == 0:  # a fresh run (--overwrite): no file of the previous run may outlive it
+            keep = {Path(init).resolve()} if init is not None else set()
+            for old in (output, sidecar_path(output), samples_png, loss_png, pt.state_path(output)):
+                if old.is_file() and old.resolve() not in keep:
+                    old.unlink()
 
         def on_checkpoint(step: int, ema, meta: dict) -> None:
             _sample_grid(ema, cfg.resolution, samples_png, step, seed)

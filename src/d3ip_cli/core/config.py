@@ -156,6 +156,11 @@ class ReconConfig(TaskOptions, NoiseOptions):
         parse_slices(v)
         return v
 
+    @field_validator("filter")
+    @classmethod
+    def _filter_name(cls, v: Optional[str]) -> Optional[str]:
+        return None if v is None else v.strip().lower()
+
     @field_validator("method")
     @classmethod
     def _method_name(cls, v: str) -> str:

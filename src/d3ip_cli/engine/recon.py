@@ -405,7 +405,7 @@ def method_params(cfg: ReconConfig) -> dict[str, Any]:
     if cfg.weight_z is not None:
         params["weight_z"] = float(cfg.weight_z)
     if cfg.filter is not None:
-        params["filter"] = cfg.filter.strip().lower()
+        params["filter"] = cfg.filter
     for name in cfg.ENGINE_FIELDS:
         value = getattr(cfg, name)
         if value is not None:

@@ -4,8 +4,8 @@ Every writer goes through :func:`atomic_output`: the file or directory is built 
 a hidden temporary name beside the target and renamed into place only when complete,
 so a killed write never leaves something that looks finished. An existing target is
 refused unless ``overwrite`` is true. The hidden name records the writer's host and process;
-a later write of the same target removes such leftovers of a process of this host that no
-longer runs (a SIGKILL leaves them), never those of a live process or of another host.
+a later write of the same target removes such leftovers, an hour old or more, of a process of
+this host that no longer runs (a SIGKILL leaves them), never those of a live process or of another host.
 """
 
 from __future__ import annotations
@@ -31,14 +31,28 @@ def _partial_name(kind: str, target: Path) -> Path:
     return target.parent / f"{PARTIAL_PREFIX}{kind}{target.name}-{uuid.uuid4().hex[:8]}-pid{os.getpid()}@{socket.gethostname()}"
 
 
+STALE_AFTER_S = 3600.0
+"""A leftover is removed only when it is also this old: a host name and pid do not identify a process
+where two PID namespaces share both (containers with one host name writing to one folder)."""
+
+
 def _process_gone(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return True
-    except OSError:  # alive, owned by someone else
+    except (OSError, OverflowError, ValueError):  # alive and someone else's, or no pid at all
         return False
     return False
+
+
+def _old(p: Path) -> bool:
+    import time
+
+    try:
+        return time.time() - p.lstat().st_mtime > STALE_AFTER_S
+    except OSError:
+        return False
 
 
 def remove_stale_partials(target: Path) -> None:
@@ -50,7 +64,8 @@ def remove_stale_partials(target: Path) -> None:
             for c in target.parent.iterdir():
                 m = _WRITER.search(c.name)
                 if (c.name.startswith(stem) and m and m.group(2) == host and int(m.group(1)) != os.getpid()
-                        and re.fullmatch(r"[0-9a-f]{8}", c.name[len(stem):m.start()]) and _process_gone(int(m.group(1)))):
+                        and re.fullmatch(r"[0-9a-f]{8}", c.name[len(stem):m.start()]) and _old(c)
+                        and _process_gone(int(m.group(1)))):
                     _remove(c)
 
 
