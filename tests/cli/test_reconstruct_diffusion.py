@@ -235,6 +235,7 @@ def test_lam_reaches_d3ip_mbir_and_is_refused_by_classical_methods(cli, prior, v
     r = cli([*base, "--method", "d3ip", "--lam", "0.02", "-o", tmp_path / "d.npy"])  # runs, but says lam is unused
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["warnings"] == ["--lam is ignored: it weights d3ip-mbir's ADMM step, and d3ip here runs cg"]
+    assert r.stderr.count("--lam is ignored") == 1 and r.stderr.index("--lam is ignored") < r.stderr.index("2/2")
     r = cli(["reconstruct", volume, "--task", "sparse-view", "--views", "16", "--method", "tv", "--lam", "0.02",
              "-o", tmp_path / "t.npy"])
     assert r.exit_code == 2 and "--lam does not apply to method tv" in r.output and not (tmp_path / "t.npy").exists()

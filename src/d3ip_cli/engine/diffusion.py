@@ -646,6 +646,20 @@ def run_registered(name: str, op: LinearOperator, y: torch.Tensor, x_init: torch
         if made_for and made_for != ctx.task and ctx.record is not None:
             ctx.record.warn(f"--adapter {ctx.params['adapter']} was adapted on --task {made_for} data; this run is "
                             f"--task {ctx.task}")
+    if ctx.record is not None and rank == 0:  # known before the run: said before it (the CLI prints each as recorded)
+        res = int(meta.get("resolution") or 0)
+        h, w = (int(v) for v in op.in_shape[-2:])
+        if res and not res / 4 <= min(h, w) <= max(h, w) <= 4 * res:
+            ctx.record.warn(f"the prior was trained on {res}x{res} phantoms and this grid is {h}x{w}: features are "
+                            "at a very different pixel scale from its training (--grid N resamples in-plane)")
+        unused = {"lam": ("--lam", "admm-tv-z", "d3ip-mbir's ADMM step"),
+                  "gamma": ("--gamma", "prox", "the proximal data consistency (MRI)")}
+        for key, (opt, dc, where) in unused.items():
+            if overrides.get(key) is not None and s.dc != dc:
+                ctx.record.warn(f"{opt} is ignored: it weights {where}, and {name} here runs {s.dc}")
+        if world_size > 1 and name == "d3ip-mbir":
+            ctx.record.warn(f"d3ip-mbir under torchrun: TV along z couples slices within each of the {world_size} "
+                            "shards, not across their boundaries")
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
 
@@ -703,19 +717,6 @@ def run_registered(name: str, op: LinearOperator, y: torch.Tensor, x_init: torch
         if dev.type == "cuda":
             ctx.record["peak_device_memory_mb"] = round(torch.cuda.max_memory_allocated(dev) / 2**20, 1)
         ctx.record["model_evaluations"] = (last.stats.get("nfe_sample", 0) + last.stats.get("nfe_adapt", 0)) if last else 0
-        res = int(meta.get("resolution") or 0)
-        h, w = (int(v) for v in op.in_shape[-2:])
-        if res and not res / 4 <= min(h, w) <= max(h, w) <= 4 * res:
-            ctx.record.warn(f"the prior was trained on {res}x{res} phantoms and this grid is {h}x{w}: features are "
-                            "at a very different pixel scale from its training (--grid N resamples in-plane)")
-        unused = {"lam": ("--lam", "admm-tv-z", "d3ip-mbir's ADMM step"),
-                  "gamma": ("--gamma", "prox", "the proximal data consistency (MRI)")}
-        for key, (opt, dc, where) in unused.items():
-            if overrides.get(key) is not None and s.dc != dc:
-                ctx.record.warn(f"{opt} is ignored: it weights {where}, and {name} here runs {s.dc}")
-        if world_size > 1 and name == "d3ip-mbir":
-            ctx.record.warn(f"d3ip-mbir under torchrun: TV along z couples slices within each of the {world_size} "
-                            "shards, not across their boundaries")
     if rank != 0:
         return x_init  # non-zero ranks do not write; the caller checks dist.world()
     if ctx.params.get("save_adapter") and last is not None and last.adapter is not None:
