@@ -204,22 +204,15 @@ def register(app: typer.Typer) -> None:
                 raise UsageError(f"--save-adapter {cfg.save_adapter}: the adapter file must end in .safetensors")
             check_output(cfg.save_adapter, overwrite, inputs)
 
-        shown: set[str] = set()  # each warning is said once, when it is known: before a long run, not after it
-
-        def early(w: str) -> None:
-            if rank == 0 and w not in shown:
-                warn(w)
-                shown.add(w)
-
-        record = RunRecord("reconstruct", on_warning=early)
+        # each warning is said when it is recorded: those known before a long run, before it
+        record = RunRecord("reconstruct", on_warning=warn if rank == 0 else None)
         record.add_input(input)
         if reference is not None:
             record.add_input(reference, role="reference")
         if cfg.adapter:
             record.add_input(cfg.adapter, role="adapter")
         with progress_bar(cfg.method, disable=rank != 0) as cb:
-            result = engine.reconstruct(input, cfg, device=dev, record=record, progress=cb, reference_path=reference,
-                                        on_warning=early)
+            result = engine.reconstruct(input, cfg, device=dev, record=record, progress=cb, reference_path=reference)
         if rank != 0:  # rank 0 gathered the slices and writes
             distributed.barrier()
             return

@@ -57,7 +57,7 @@ def run_key(identity: dict[str, Any]) -> str:
 
 
 def identity_differences(theirs: dict[str, Any] | None, ours: dict[str, Any]) -> str:
-    """``"seed 0 (now 1), settings.steps 20 (now 8)"``: what differs between two run identities."""
+    """``"seed 0 (now 1), --steps 20 (now 8)"``: what differs between two run identities."""
     if not isinstance(theirs, dict):
         return "a checkpoint of an older version, which does not say"
     names = {"measurement_sha256": "the measurement (another input, slab, grid or acquisition)", "world": "ranks"}

@@ -454,13 +454,13 @@ def to_volume(x: torch.Tensor, problem: Problem, description: str) -> Volume:
 
 def reconstruct(input_path: str | os.PathLike, cfg: ReconConfig, *, device: torch.device | str = "cpu",
                 record: Any = None, progress: Progress | None = None,
-                reference_path: str | os.PathLike | None = None,
-                on_warning: Callable[[str], None] | None = None) -> ReconResult:
+                reference_path: str | os.PathLike | None = None) -> ReconResult:
     """The whole reconstruction of one input (see the module docstring); metrics when a reference exists.
 
     ``record`` (a :class:`~d3ip_cli.core.record.RunRecord`) receives stages, intensity
-    scale, operator summary, metrics and warnings. ``on_warning`` is called with each warning
-    known once the input is read, before the (possibly long) reconstruction starts.
+    scale, operator summary, metrics and warnings; the warnings known once the input is read are
+    recorded then, before the (possibly long) reconstruction starts (a CLI's record says each as it
+    is recorded).
     """
     from contextlib import nullcontext
 
@@ -470,9 +470,16 @@ def reconstruct(input_path: str | os.PathLike, cfg: ReconConfig, *, device: torc
     stage = record.stage if record is not None else (lambda name: nullcontext())
     with stage("load"):
         problem = load_problem(input_path, cfg, device=device, reference_path=reference_path, progress=progress)
-    if on_warning is not None:
-        for w in problem.warnings:
-            on_warning(w)
+    said = 0  # problem.warnings recorded so far
+
+    def record_warnings() -> None:
+        nonlocal said
+        if record is not None:
+            for w in problem.warnings[said:]:
+                record.warn(w)
+        said = len(problem.warnings)
+
+    record_warnings()
     constant_reference = problem.reference is not None and np.ptp(problem.reference) == 0
     if reference_path is not None and constant_reference:
         raise InputDataError(f"--reference {reference_path} is constant: PSNR and SSIM against it are undefined")
@@ -518,8 +525,7 @@ def reconstruct(input_path: str | os.PathLike, cfg: ReconConfig, *, device: torc
         record["operator"] = {**spec, "repr": repr(problem.op)}
         record["retrospective"] = problem.retrospective
         record["metrics"] = metrics
-        for w in problem.warnings:
-            record.warn(w)
+    record_warnings()
     return ReconResult(volume=out, initial=initial, problem=problem, metrics=metrics, std=std)
 
 

@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import socket
+import time
 import uuid
 from pathlib import Path
 from typing import Any, Iterator
@@ -23,7 +24,6 @@ from typing import Any, Iterator
 from d3ip_cli.core.errors import OutputError
 
 PARTIAL_PREFIX = ".d3ip-partial-"
-_WRITER = re.compile(r"-pid(\d+)@([^/]+)$")
 
 
 def _partial_name(kind: str, target: Path) -> Path:
@@ -47,8 +47,6 @@ def _process_gone(pid: int) -> bool:
 
 
 def _old(p: Path) -> bool:
-    import time
-
     try:
         return time.time() - p.lstat().st_mtime > STALE_AFTER_S
     except OSError:
@@ -57,16 +55,13 @@ def _old(p: Path) -> bool:
 
 def remove_stale_partials(target: Path) -> None:
     """Remove the hidden leftovers of earlier writes of ``target`` whose process (on this host) is gone."""
-    host = socket.gethostname()
-    for kind in ("", "old-"):
-        stem = f"{PARTIAL_PREFIX}{kind}{target.name}-"
-        with contextlib.suppress(OSError):
-            for c in target.parent.iterdir():
-                m = _WRITER.search(c.name)
-                if (c.name.startswith(stem) and m and m.group(2) == host and int(m.group(1)) != os.getpid()
-                        and re.fullmatch(r"[0-9a-f]{8}", c.name[len(stem):m.start()]) and _old(c)
-                        and _process_gone(int(m.group(1)))):
-                    _remove(c)
+    name = re.compile(rf"{re.escape(PARTIAL_PREFIX)}(?:old-)?{re.escape(target.name)}-[0-9a-f]{{8}}"
+                      rf"-pid(\d+)@{re.escape(socket.gethostname())}")
+    with contextlib.suppress(OSError):
+        for c in target.parent.iterdir():
+            m = name.fullmatch(c.name)
+            if m and int(m.group(1)) != os.getpid() and _old(c) and _process_gone(int(m.group(1))):
+                _remove(c)
 
 
 def written_by_d3ip(path: Path) -> bool:
