@@ -126,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--preset", default="fast")
     ap.add_argument("--prior", default=None)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--sampler-seed", type=int, default=None,
+                    help="seed of the diffusion runs (default --seed; --seed also picks the phantom)")
     ap.add_argument("--tv-weights", default="1e-5,3e-5,1e-4,3e-4,1e-3", help="tv weights tried (best reported)")
     ap.add_argument("--variant", action="append", default=[], help="NAME=method[:key=value,...]")
     ap.add_argument("--csv", default=None, help="append rows to this CSV")
@@ -200,9 +202,11 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         images = []
         for k in range(n_samples):
-            gen = torch.Generator().manual_seed(args.seed + k)
+            gen = torch.Generator().manual_seed((args.seed if args.sampler_seed is None else args.sampler_seed) + k)
             images.append(diffusion.reconstruct(method, model, problem.op, problem.y, x_init, s, generator=gen).image)
         desc = f"{method} " + ",".join(f"{k}={v}" for k, v in overrides.items())
+        if args.sampler_seed is not None:
+            desc += f" sampler_seed={args.sampler_seed}"
         report(name, torch.stack(images).mean(0), time.perf_counter() - t0,
                desc + (f" mean of {n_samples} samples" if n_samples > 1 else ""))
         if args.trajectory and method == "dds":

@@ -207,3 +207,28 @@ def test_the_sampler_runs_on_the_truncated_trajectory(method, tiny_prior, ct_cas
     assert steps[:4] == [90, 60, 30, 0]  # evenly spread over [0, 120), not [0, 1000)
     if method != "dds":
         assert seen and all(20 <= t <= 90 for t in seen), seen
+
+
+@pytest.mark.parametrize("contiguous", [False, True])
+def test_minibatch_draws(contiguous):
+    """``random`` (the default) draws each minibatch alone; ``cover`` walks shuffled passes, so a
+    step's minibatches visit every slice (block start) before any twice; both seeded."""
+    from d3ip_cli.engine.diffusion import _minibatches
+
+    pool = torch.arange(3, 19)  # 16 slices of a shard
+    g = lambda: torch.Generator().manual_seed(5)  # noqa: E731
+    for draw in ("random", "cover"):
+        a = _minibatches(pool, 3, 10, contiguous, draw, g())
+        assert [x.tolist() for x in a] == [x.tolist() for x in _minibatches(pool, 3, 10, contiguous, draw, g())]
+        for b in a:
+            assert len(b) == 3 and len(set(b.tolist())) == 3 and set(b.tolist()) <= set(pool.tolist())
+            if contiguous:
+                assert b.tolist() == list(range(b[0], b[0] + 3))
+    covered = _minibatches(pool, 3, 10, contiguous, "cover", g())
+    if contiguous:  # 14 block starts: the first 10 batches start at 10 different slices
+        assert len({int(b[0]) for b in covered}) == 10
+    else:  # 30 draws over 16 slices: the first pass holds each slice once
+        seq = [i for b in covered for i in b.tolist()]
+        assert set(seq[:15]) | set(seq[15:18]) == set(pool.tolist()) and len(set(seq[:15])) == 15
+    with pytest.raises(UsageError, match="adapt_draw"):
+        settings_for("d3ip", "fast", "CT", adapt_draw="sometimes")

@@ -71,6 +71,7 @@ class DiffusionSettings:
     adapt_t_min: int = 20
     adapt_t_max: int = 980
     contiguous: bool = False
+    adapt_draw: str = "random"  # random: each minibatch drawn alone | cover: a step's K minibatches walk a shuffled pool
     chunk: int = 16
     meta_outer: int = 20
     meta_inner: int = 3
@@ -92,6 +93,8 @@ class DiffusionSettings:
             raise UsageError(f"unknown data consistency {self.dc!r}")
         if self.adapt_iters < 0 or self.adapt_batch < 1 or self.lora_rank < 1:
             raise UsageError("adaptation settings must be positive (iterations >= 0, batch >= 1, rank >= 1)")
+        if self.adapt_draw not in ("random", "cover"):
+            raise UsageError(f"adapt_draw {self.adapt_draw!r}: expected random or cover")
         if self.precision not in PRECISIONS:
             raise UsageError(f"--precision {self.precision!r}: expected one of {', '.join(PRECISIONS)}")
         return self
@@ -268,6 +271,42 @@ def _pick(pool: torch.Tensor, m: int, contiguous: bool, generator: torch.Generat
     return pool[torch.randperm(n, generator=generator, device=generator.device)[:m].to(pool.device)].sort().values
 
 
+def _minibatches(pool: torch.Tensor, m: int, k: int, contiguous: bool, draw: str,
+                 generator: torch.Generator) -> list[torch.Tensor]:
+    """The ``k`` minibatches of ``m`` slices for one adapted step.
+
+    ``random`` draws each alone (the reference's way); ``cover`` walks shuffled passes over the
+    pool (over the block starts when ``contiguous``), so a step's batches visit every slice
+    before any slice twice.
+    """
+    if draw == "random":
+        return [_pick(pool, m, contiguous, generator) for _ in range(k)]
+    n = pool.numel()
+    m = min(m, n)
+    units = n - m + 1 if contiguous else n
+
+    def shuffled() -> list[int]:
+        return torch.randperm(units, generator=generator, device=generator.device).tolist()
+
+    order: list[int] = []
+    out = []
+    for _ in range(k):
+        if contiguous:
+            if not order:
+                order = shuffled()
+            start = order.pop(0)
+            out.append(pool[start:start + m])
+            continue
+        batch: list[int] = []
+        while len(batch) < m:
+            if not order:  # a new pass; slices already in this batch go to its end
+                new = shuffled()
+                order = [i for i in new if i not in batch] + [i for i in new if i in batch]
+            batch.append(order.pop(0))
+        out.append(pool[torch.tensor(sorted(batch), device=pool.device)])
+    return out
+
+
 def adaptation_loss(model: torch.nn.Module, op: LinearOperator, y: torch.Tensor, smap: StateMap, x: torch.Tensor,
                     idx: torch.Tensor, t: int, abar: torch.Tensor, n_cg: int = 1) -> torch.Tensor:
     r"""``‖A_B CG_n(x̂0(x_t^B; θ)) − y_B‖² / |B|`` for slices ``idx`` (differentiable in θ; ``n_cg = 0``
@@ -308,8 +347,7 @@ def make_adapt_hook(model: torch.nn.Module, params: list[torch.nn.Parameter], op
             return
         opt = torch.optim.AdamW(params, lr=s.lr)
         with torch.enable_grad():
-            for _ in range(k):
-                idx = _pick(pool, s.adapt_batch, s.contiguous, generator)
+            for idx in _minibatches(pool, s.adapt_batch, k, s.contiguous, s.adapt_draw, generator):
                 loss = adaptation_loss(model, op, y, smap, x, idx, t, abar, s.adapt_cg)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
