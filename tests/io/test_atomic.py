@@ -113,3 +113,25 @@ def test_leftovers_of_a_killed_writer_on_this_host_are_removed_and_no_others(tmp
     assert (tmp_path / "out.nii.gz").read_bytes() == b"x"
     assert names["killed"] not in left and names["killed_old"] not in left
     assert {names[k] for k in ("live", "other_host", "other_target", "unnamed", "young", "no_pid")} <= left
+
+
+def test_checkpoint_writes_use_a_partial_name_of_their_own_and_sweep_a_killed_one(tmp_path):
+    """Training states and priors (safetensors) follow the same naming as every other output."""
+    import socket
+    import subprocess
+
+    import torch
+
+    from d3ip_cli.io.atomic import PARTIAL_PREFIX
+    from d3ip_cli.prior.checkpoint import load_tensors, save_tensors
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    stale = tmp_path / f"{PARTIAL_PREFIX}p.state.safetensors-0123abcd-pid{gone.pid}@{socket.gethostname()}"
+    stale.write_bytes(b"half a state")
+    old = time.time() - 2 * 3600
+    os.utime(stale, (old, old))
+    save_tensors(tmp_path / "p.state.safetensors", {"w": torch.ones(3)}, {"steps": 1})
+    assert [p.name for p in tmp_path.iterdir()] == ["p.state.safetensors"]
+    tensors, meta = load_tensors(tmp_path / "p.state.safetensors")
+    assert meta["steps"] == 1 and torch.equal(tensors["w"], torch.ones(3))

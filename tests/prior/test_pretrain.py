@@ -1,5 +1,6 @@
 """pretrain-phantom: one process, exact resume, checkpoint round trip, torchrun DDP, bad input."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -22,6 +23,7 @@ def test_tiny_run_and_checkpoint_round_trip(cli, tmp_path):
     out = tmp_path / "p.safetensors"
     r = cli(["pretrain-phantom", "-o", out, "--preset", "tiny", "--steps", "6", "--seed", "3"])
     assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "p.safetensors.json").read_text())["threads"] == torch.get_num_threads()
     model, meta = ckpt.load_prior(out)
     assert meta["steps"] == 6 and meta["images_seen"] == 6 * 8
     assert meta["data"]["real_images"] is False and meta["data"]["seed"] == 3
@@ -85,6 +87,8 @@ def test_corrupt_prior_refused(tmp_path):
         (["--steps", "10", "--anneal", "11"], 2, "--anneal"),
         (["--precision", "fp16"], 2, "--precision"),
         (["--prediction", "x0"], 2, "--prediction"),
+        (["--crop", "64"], 2, "--crop 64"),  # larger than the tiny preset's 32 pixels: refused, not dropped
+        (["--crop", "-8"], 2, "--crop -8"),
     ],
 )
 def test_bad_options(cli, tmp_path, args, code, text):
@@ -132,6 +136,12 @@ def test_an_interrupted_run_leaves_its_state_but_no_prior_that_looks_finished(cl
     assert r.exit_code == 0, r.output
     assert ckpt.read_metadata(out)["steps"] == 6 and (tmp_path / "p.samples.png").exists()
     assert (tmp_path / "p.safetensors.json").exists()
+    # fewer steps than the state holds: refused, and the prior of step 6 stays
+    before = out.read_bytes()
+    r = cli(["pretrain-phantom", "-o", out, "--preset", "tiny", "--steps", "4", "--checkpoint-every", "2",
+             "--sample-every", "0", "--resume"])
+    assert r.exit_code == 2 and "holds 6 steps, more than --steps 4" in r.output, r.output
+    assert out.read_bytes() == before
 
 
 def test_an_interrupted_overwrite_leaves_nothing_of_the_previous_prior(cli, tmp_path, monkeypatch):

@@ -107,6 +107,7 @@ def register(app: typer.Typer) -> None:
         record["method"] = "pretrain-phantom"
         record["seed"] = seed
         record["device"] = str(dev)
+        record["threads"] = torch.get_num_threads()  # throughput depends on it
         record["config"] = {"preset": cfg.preset, **cfg.identity(), "steps": cfg.steps}
         stem = output.name[: -len(".safetensors")]
         samples_png = output.parent / f"{stem}.samples.png"

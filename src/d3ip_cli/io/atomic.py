@@ -26,7 +26,7 @@ from d3ip_cli.core.errors import OutputError
 PARTIAL_PREFIX = ".d3ip-partial-"
 
 
-def _partial_name(kind: str, target: Path) -> Path:
+def partial_path(kind: str, target: Path) -> Path:
     """``.d3ip-partial-[old-]NAME-XXXXXXXX-pidPID@HOST`` beside ``target``."""
     return target.parent / f"{PARTIAL_PREFIX}{kind}{target.name}-{uuid.uuid4().hex[:8]}-pid{os.getpid()}@{socket.gethostname()}"
 
@@ -139,7 +139,7 @@ def atomic_output(path: str | os.PathLike, overwrite: bool = False, directory: b
     """
     target = check_output(path, overwrite, series=directory)
     remove_stale_partials(target)
-    tmp = _partial_name("", target)
+    tmp = partial_path("", target)
     try:
         if directory:
             tmp.mkdir()
@@ -147,7 +147,7 @@ def atomic_output(path: str | os.PathLike, overwrite: bool = False, directory: b
         if target.exists():
             if not overwrite and not (directory and _empty_dir(target)):
                 raise OutputError(f"output {target} appeared while writing (use --overwrite)")
-            old = _partial_name("old-", target)
+            old = partial_path("old-", target)
             os.replace(target, old)
             os.replace(tmp, target)
             _remove(old)

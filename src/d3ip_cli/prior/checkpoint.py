@@ -90,9 +90,11 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta
     from safetensors.torch import save_file
 
     from d3ip_cli.core.errors import OutputError
+    from d3ip_cli.io.atomic import partial_path, remove_stale_partials
 
     p = Path(path)
-    tmp = p.parent / f".d3ip-partial-{p.name}"
+    remove_stale_partials(p)
+    tmp = partial_path("", p)  # a name of this process's own: two writers never share one
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
                   metadata={METADATA_KEY: json.dumps(meta)})

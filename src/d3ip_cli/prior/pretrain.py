@@ -104,6 +104,9 @@ class PretrainConfig:
             raise UsageError(f"--batch-size must be positive, got {self.batch_size}")
         if self.resolution < 8:
             raise UsageError(f"--resolution must be at least 8, got {self.resolution}")
+        if self.crop is not None and not 0 <= self.crop <= self.resolution:
+            raise UsageError(f"--crop {self.crop}: a training window must be 0 (whole images) to --resolution "
+                             f"{self.resolution} pixels")
         f = self.unet_config().downsampling_factor
         train_size = self.crop or self.resolution
         if self.resolution % f or train_size % f:
@@ -113,8 +116,6 @@ class PretrainConfig:
             raise UsageError(f"--anneal must be between 0 and --steps ({self.steps}), got {self.anneal}")
         if self.precision not in PRECISIONS:
             raise UsageError(f"--precision {self.precision!r}: expected one of {', '.join(PRECISIONS)}")
-        if self.crop is not None and self.crop > self.resolution:
-            self.crop = None
 
     def recipe_full(self) -> dict:
         return dict(self.recipe, crop=self.crop)
@@ -279,6 +280,9 @@ def train(
         lineage = meta.get("init")
         data_offset = int(meta.get("data_step_offset", 0))
         start = int(meta["steps"])
+        if start > cfg.steps:  # its weights are past the asked end; no prior of --steps steps can come from it
+            raise UsageError(f"--resume: {spath} holds {start} steps, more than --steps {cfg.steps}: give --steps "
+                             f"{start} to write its prior again, or more to train on")
         wall_before = float(meta.get("wall_time_s", 0.0))
         if start >= cfg.steps:  # trained to the end before: write again what the end of a run writes
             prior_meta = {k: v for k, v in meta.items() if k not in ("format", "identity")}
