@@ -107,7 +107,14 @@ def test_data_volume_methods_filter_and_overwrite(tmp_path):
                         tmp_path / "scan.nii.gz")
     out = tmp_path / "out"
     (out).mkdir()
-    (out / "results.json").write_text("{}")
+    for name in ("results.json", "results.csv", "results.md", "montage.png"):
+        (out / name).write_text("old")
+    (out / "notes.txt").write_text("mine")
+    suite = Suite(name="t", description="t", cases=(), methods=("fbp",), slices=2, grid=32, preset="fast",
+                  tune_grid={}, data_tasks=("sv8",), data_methods=("fbp",))
+    with pytest.raises(UsageError):  # a rerun that fails after the folder was taken leaves no old results
+        runner.run_benchmark(suite, out, data=[path], overwrite=True, methods=["zero-filled"], isolate=False)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
     suite = Suite(name="t", description="t", cases=(), methods=("fbp",), slices=2, grid=32, preset="fast",
                   tune_grid={}, data_tasks=("sv8",), data_methods=("fbp", "zero-filled"))
     doc = runner.run_benchmark(suite, out, data=[path], overwrite=True, isolate=False)

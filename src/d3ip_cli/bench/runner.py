@@ -523,8 +523,9 @@ def _prepare_dir(out_dir: Path, overwrite: bool) -> None:
         ours = [n for n in OUTPUT_FILES if (out_dir / n).exists()]
         if ours and not overwrite:
             raise OutputError(f"{out_dir} already holds benchmark results ({', '.join(ours)}); use --overwrite")
-        with contextlib.suppress(FileNotFoundError):
-            (out_dir / "results.json").unlink()  # the mark of a finished benchmark goes until this one finishes
+        for name in ours:  # the previous results go now: a run that fails cannot leave them looking like its own
+            with contextlib.suppress(FileNotFoundError):
+                (out_dir / name).unlink()
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -575,7 +576,8 @@ def run_benchmark(suite: Suite | str, out_dir: str | os.PathLike, *, data: Seque
 
     Options, methods and the prior are checked before ``out_dir`` is touched. An existing
     ``out_dir`` holding results (``results.json`` and the like) is refused unless
-    ``overwrite``; files are then replaced in place (nothing in the folder is deleted).
+    ``overwrite``; its result files (``OUTPUT_FILES``) are then removed before the first run and
+    its run files replaced in place (nothing else in the folder is deleted).
 
     Args:
         suite: a :class:`~d3ip_cli.bench.suites.Suite` or its name (``quick``, ``standard``, ``paper``).
