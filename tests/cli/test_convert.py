@@ -140,11 +140,15 @@ def test_convert_notes_problems_as_warnings(cli, tmp_path):
     np.save(tmp_path / "bare.npy", np.ones((2, 3, 4), dtype=np.float32))
     result = cli(["convert", tmp_path / "bare.npy", "-o", tmp_path / "bare.nii"])
     assert result.exit_code == 0
-    assert "identity affine" in result.stderr and "modality" not in result.stdout
+    assert "axial slices of 1 mm voxels assumed" in result.stderr and "modality" not in result.stdout
     record = json.loads(sidecar_path(tmp_path / "bare.nii").read_text())
-    assert any("identity affine" in w for w in record["warnings"])
+    assert any("axial slices" in w for w in record["warnings"])
     result = cli(["convert", tmp_path / "bare.npy", "-o", tmp_path / "bare_series"])
     assert result.exit_code == 0 and "MR Image Storage" in result.stderr  # unknown modality: says what it chose
+    import pydicom
+
+    first = pydicom.dcmread(sorted((tmp_path / "bare_series").iterdir())[0])
+    assert [float(v) for v in first.ImageOrientationPatient] == [1, 0, 0, 0, 1, 0]  # axial, as a scanner writes it
 
 
 # ----------------------------------------------------------------------------- failures

@@ -98,3 +98,13 @@ def test_a_reader_that_closes_the_pipe_ends_the_command_quietly(args):
         os.close(write_end)
     assert r.returncode == 141, r.stderr
     assert "error" not in r.stderr.lower() and "Traceback" not in r.stderr, r.stderr
+
+
+def test_under_torchrun_other_ranks_name_themselves_in_their_error_line(cli, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    r = cli(["info", tmp_path / "nothing.nii"])
+    assert r.exit_code == 3 and r.stderr.startswith("error (rank 1): ") and r.stderr.count("\n") == 1, r.stderr
+    monkeypatch.setenv("RANK", "0")
+    r = cli(["info", tmp_path / "nothing.nii"])
+    assert r.stderr.startswith("error: "), r.stderr

@@ -107,7 +107,7 @@ def test_info_bad_inputs(cli, tmp_path):
     assert missing.exit_code == 3 and missing.stdout == "" and missing.stderr.startswith("error:")
     np.save(tmp_path / "bare.npy", np.zeros((2, 2, 2)))
     bare = cli(["info", tmp_path / "bare.npy", "--json"])
-    assert bare.exit_code == 0 and "identity affine" in json.loads(bare.stdout)["problems"][0]
+    assert bare.exit_code == 0 and "axial slices" in json.loads(bare.stdout)["problems"][0]
 
 
 def test_info_describes_a_measurement_file(cli, tmp_path):
@@ -125,3 +125,46 @@ def test_info_describes_a_measurement_file(cli, tmp_path):
     assert doc["retrospective"] is True and doc["operator"]["options"] == {"views": 30}
     r = cli(["info", meas])
     assert r.exit_code == 0 and "sinogram (Z, views, detectors)" in r.stdout
+
+
+def test_info_describes_a_prior_and_its_training_state(cli, prior, tmp_path):
+    from safetensors.torch import save_file
+
+    from d3ip_cli.prior import checkpoint as ckpt
+    from d3ip_cli.prior.pretrain import state_path
+
+    r = cli(["info", prior, "--json"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert doc["format"] == "diffusion prior (d3ip)" and doc["weights"]["resolution"] == "32 x 32"
+    assert doc["weights"]["sha256"] == ckpt.file_sha256(prior) and doc["header"]["steps"] == 6
+    assert doc["weights"]["trained"].startswith("6 steps, 48 phantom images")
+    table = cli(["info", prior]).stdout
+    assert "U-Net 16 channels x (1, 2)" in table and "no (synthetic phantoms only)" in table
+    r = cli(["info", state_path(prior)])
+    assert r.exit_code == 0 and "training state of pretrain-phantom" in r.stdout and "steps done     6 of 6" in r.stdout
+    plain = tmp_path / "other.safetensors"  # a safetensors file another program wrote
+    save_file({"w": __import__("torch").zeros(2)}, str(plain))
+    r = cli(["info", plain])
+    assert r.exit_code == 3 and "no d3ip metadata header" in r.stderr and r.stdout == ""
+
+
+def test_info_says_how_a_multicoil_file_without_maps_gets_them(cli, tmp_path):
+    import h5py
+
+    rng = np.random.default_rng(0)
+    k = (rng.standard_normal((2, 4, 32, 32)) + 1j * rng.standard_normal((2, 4, 32, 32))).astype(np.complex64)
+    cols = np.zeros(32, bool)
+    cols[::3] = True
+    sparse = k * cols  # [slices, coils, ky, kx]: every third column, no fully sampled centre
+    cols[12:22] = True
+    centred = k * cols
+    for name, data in (("centred", centred), ("sparse", sparse)):
+        with h5py.File(tmp_path / f"{name}.h5", "w") as f:
+            f["kspace"] = data
+    r = cli(["info", tmp_path / "centred.h5", "--json"])
+    assert r.exit_code == 0, r.output
+    assert any("4-coil k-space without coil maps: reconstruct estimates them with ESPIRiT" in p
+               for p in json.loads(r.stdout)["problems"])
+    r = cli(["info", tmp_path / "sparse.h5"])
+    assert r.exit_code == 3 and "cannot be reconstructed" in r.stdout and r.stderr.startswith("error:"), r.output

@@ -42,6 +42,17 @@ def test_identical_and_mismatched(cli, tmp_path):
     assert r.exit_code == 3 and "shape" in r.stderr
 
 
+def test_a_4d_file_says_how_to_take_a_frame(cli, tmp_path):
+    a = _npy(tmp_path / "a.npy", np.arange(60.0).reshape(3, 4, 5))
+    four = _npy(tmp_path / "four.npy", np.zeros((2, 3, 4, 5)))
+    r = cli(["metrics", a, four])
+    assert r.exit_code == 2 and "REFERENCE" in r.stderr and f"d3ip convert {four} --frame 0" in r.stderr, r.output
+    r = cli(["reconstruct", a, "--task", "cs-mri", "--method", "zero-filled", "--reference", four,
+             "-o", tmp_path / "o.npy"])
+    assert r.exit_code == 2 and "--frame picks a frame of the input only" in r.stderr, r.output
+    assert not (tmp_path / "o.npy").exists()
+
+
 def test_through_slice_error_sees_z_artefacts():
     ref = np.tile(np.linspace(0, 1, 10)[:, None, None], (1, 8, 8))
     flicker = ref + 0.05 * (np.arange(10) % 2)[:, None, None]

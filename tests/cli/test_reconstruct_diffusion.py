@@ -275,6 +275,9 @@ def test_adapter_options_are_checked_before_any_work(cli, prior, volume, tmp_pat
     outputs = json.loads((tmp_path / "o3.npy.json").read_text())["outputs"]
     saved_entry = [o for o in outputs if o["role"] == "adapter"]  # the run record lists the saved adapter
     assert len(saved_entry) == 1 and saved_entry[0]["sha256"] == sha256_path(tmp_path / "no" / "dir" / "a.safetensors")
+    about = cli(["info", tmp_path / "no" / "dir" / "a.safetensors"])  # what the saved adapter is, and for what
+    assert about.exit_code == 0 and "LoRA adapter (d3ip)" in about.stdout, about.output
+    assert "reconstruct --method d3ip --task sparse-view" in about.stdout and "rank" in about.stdout
     r = cli([*base, "--adapter", tmp_path / "no" / "dir" / "a.safetensors", "-o", tmp_path / "o3b.npy"])
     assert r.exit_code == 0, r.output
     doc = json.loads((tmp_path / "o3b.npy.json").read_text())

@@ -196,3 +196,12 @@ def test_report_views_put_the_head_at_the_top_whatever_the_storage_order(superio
     axial = out[z // 2]
     assert (axial[0] // 2 % 2 == 1).all() and (axial[1:] // 2 % 2 == 0).all()  # anterior at the top
     assert (axial[:, 0] >= 4).all() and (axial[:, 1:] < 4).all()  # the patient's right on the left
+
+
+def test_report_stretches_only_a_slab_too_thin_to_see_along_z():
+    from d3ip_cli.engine.recon import report_stretch
+
+    assert report_stretch((64, 128, 128), (1.0, 1.0, 1.0)) == {"axial": 1, "coronal": 1, "sagittal": 1}
+    thin = report_stretch((2, 128, 96), (1.0, 1.0, 1.0))  # 2 rows of 96 or 128: drawn at least a quarter as tall
+    assert thin == {"axial": 1, "coronal": 12, "sagittal": 16}
+    assert report_stretch((4, 128, 128), (8.0, 1.0, 1.0)) == {"axial": 1, "coronal": 1, "sagittal": 1}  # 32 mm of z

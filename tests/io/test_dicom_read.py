@@ -62,6 +62,16 @@ def test_jpeg2000_head_ct_matches_uncompressed(testdata):
     assert vol.data.min() == -3024  # outside the field of view, as stored by the scanner
 
 
+def test_a_modality_other_than_ct_or_mr_is_named_as_the_file_gives_it(testdata):
+    from d3ip_cli.io.volumes import volume_summary
+
+    vol = read_volume(testdata("JPEG2000.dcm"))  # a nuclear-medicine image (Modality NM)
+    assert vol.modality == "OT" and vol.meta["source_modality"] == "NM"
+    assert volume_summary(vol)["source_modality"] == "NM"
+    assert any("Modality NM is neither CT nor MR" in p for p in vol.meta["problems"])
+    assert "source_modality" not in read_volume(testdata("CT_small.dcm")).meta
+
+
 def test_enhanced_mr_multiframe_without_geometry(testdata):
     path = testdata("emri_small.dcm")
     vol = read_volume(path)

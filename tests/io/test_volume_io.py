@@ -126,12 +126,15 @@ def test_npy_round_trip_uses_the_sidecar(tmp_path):
     assert back.meta["dicom"]["StudyInstanceUID"] == "1.2.3" and back.meta["problems"] == []
 
 
-def test_bare_npy_gets_identity_with_a_problem(tmp_path):
+def test_bare_npy_is_read_as_axial_slices_with_a_problem(tmp_path):
+    from d3ip_cli.io.volumes import volume_summary
+
     np.save(tmp_path / "bare.npy", np.zeros((2, 3, 4), dtype=np.int16))
     vol = read_volume(tmp_path / "bare.npy")
-    np.testing.assert_array_equal(vol.affine, np.eye(4))
+    assert volume_summary(vol)["orientation"] == "SPL"  # slices superior, rows posterior, columns to the left
+    assert volume_summary(vol)["spacing_mm"] == [1.0, 1.0, 1.0]
     assert vol.data.dtype == np.float32
-    assert any("identity affine" in p for p in vol.meta["problems"])
+    assert any("axial slices of 1 mm voxels assumed" in p for p in vol.meta["problems"])
     np.save(tmp_path / "flat.npy", np.zeros(7))
     with pytest.raises(InputDataError, match="expected a"):
         read_volume(tmp_path / "flat.npy")

@@ -146,7 +146,9 @@ class progress_bar:
 
 def _fail(message: str, code: int) -> typer.Exit:
     message = (message.strip().splitlines() or [""])[0]  # one line, whatever a library folded into the text
-    err_console.print(f"[bold red]error:[/bold red] {escape(message)}", soft_wrap=True)
+    rank = os.environ.get("RANK", "0") if os.environ.get("WORLD_SIZE", "1") not in ("", "1") else "0"
+    who = "" if rank == "0" else f" (rank {rank})"  # under torchrun every process reports; rank 0's line is plain
+    err_console.print(f"[bold red]error{who}:[/bold red] {escape(message)}", soft_wrap=True)
     return typer.Exit(code)
 
 

@@ -38,15 +38,15 @@ def register(app: typer.Typer) -> None:
         """
         from d3ip_cli.bench.metrics import volume_metrics
         from d3ip_cli.engine.intensity import clip_reference, scale_for_volume
-        from d3ip_cli.io.volumes import check_same_grid, read_volume
+        from d3ip_cli.io.volumes import check_same_grid, read_single_frame
 
         from d3ip_cli.core.config import ReconConfig
         from d3ip_cli.engine.recon import align_reference
 
         ReconConfig.from_options(slices=slices, grid=grid)  # checked as reconstruct checks them
-        x = read_volume(recon)
+        x = read_single_frame(recon, "RECON")
         # the same grid stored in another axis order or direction is compared voxel for voxel
-        r = align_reference(read_volume(reference), x, slices=slices, grid=grid)
+        r = align_reference(read_single_frame(reference, "REFERENCE"), x, slices=slices, grid=grid)
         if x.shape == r.shape:
             check_same_grid(x, r)
         # the reference read as reconstruct reads its input (a CT in HU, or values that say so when

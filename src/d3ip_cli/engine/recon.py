@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import os
 import warnings
 from pathlib import Path
@@ -43,6 +44,7 @@ from d3ip_cli.core.errors import InputDataError, UsageError
 from d3ip_cli.core.types import Volume
 from d3ip_cli.engine.intensity import IntensityScale, clip_reference, scale_for_image, scale_for_volume
 from d3ip_cli.io.measurement import Measurement, is_measurement_path, read_measurement
+from d3ip_cli.io.volumes import read_single_frame
 
 Progress = Callable[[int, int, dict], None]
 
@@ -354,7 +356,7 @@ def load_problem(input_path: str | os.PathLike, cfg: ReconConfig, *, device: tor
         if reference_path is not None:
             from d3ip_cli.io.volumes import check_same_grid, reorient_like
 
-            ref = prepare_volume(reference_path)
+            ref = read_single_frame(reference_path, "--reference", prepare_volume)
             if "affine" in (meas.grid or {}):  # the measurement's axis order and directions, before any cut
                 ref = reorient_like(ref, full_affine)
             prov = meas.provenance or {}
@@ -385,7 +387,7 @@ def load_problem(input_path: str | os.PathLike, cfg: ReconConfig, *, device: tor
     if reference_path is not None:
         from d3ip_cli.io.volumes import check_same_grid
 
-        ref = align_reference(prepare_volume(reference_path), vol, slices=cfg.slices, grid=cfg.grid)
+        ref = align_reference(read_single_frame(reference_path, "--reference", prepare_volume), vol, slices=cfg.slices, grid=cfg.grid)
         if ref.shape != vol.shape:
             raise InputDataError(f"--reference has shape {list(ref.shape)}, the reconstruction grid is {list(vol.shape)}")
         check_same_grid(vol, ref, what="--reference")
@@ -642,6 +644,15 @@ def report_orientation(data: np.ndarray, affine: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(out[::-1]) if A[2, 0] > 0 else out  # index grows towards superior (RAS z)
 
 
+def report_stretch(shape: tuple[int, ...], spacing: tuple[float, float, float]) -> dict[str, int]:
+    """Whole factors by which the report stretches each view along z: 1, except for a slab so
+    thin that its coronal or sagittal cut would be drawn under a quarter as tall as wide."""
+    z, h, w = shape
+    sz, sh, sw = spacing
+    return {"axial": 1, "coronal": max(1, math.ceil(0.25 * w * sw / (z * sz))),
+            "sagittal": max(1, math.ceil(0.25 * h * sh / (z * sz)))}
+
+
 def write_report(result: ReconResult, path: str | os.PathLike, *, overwrite: bool = True) -> Path:
     """A PNG with axial, coronal and sagittal central views of the initial estimate, the
     reconstruction, the reference and the error (when there is a reference)."""
@@ -672,17 +683,21 @@ def write_report(result: ReconResult, path: str | os.PathLike, *, overwrite: boo
                 ("sagittal", lambda v: v[:, :, v.shape[2] // 2], sz / sh))
     if result.volume.data.shape[0] < 2:
         views_of = views_of[:1]
+    # a thin slab's through-plane cut would be a strip of a few pixels: stretched along z to a
+    # quarter of its width at least, by a whole factor that its title names
+    stretch = report_stretch(result.volume.data.shape, (sz, sh, sw))
     fig, axes = plt.subplots(len(rows), len(views_of), figsize=(2.8 * len(views_of) + 0.4, 2.6 * len(rows)),
                              squeeze=False)
     for r, (label, vol) in enumerate(rows):
         for c, (view, cut, aspect) in enumerate(views_of):
             ax = axes[r, c]
             ax.axis("off")
+            aspect *= stretch[view]
             if label == "error":
                 ax.imshow(cut(vol), cmap="RdBu_r", vmin=-err_scale, vmax=err_scale, aspect=aspect)
             else:
                 ax.imshow(cut(vol), cmap="gray", vmin=lo, vmax=hi, aspect=aspect)
-            ax.set_title(f"{label} ({view})", fontsize=8)
+            ax.set_title(f"{label} ({view}" + (f", z ×{stretch[view]})" if stretch[view] > 1 else ")"), fontsize=8)
     m = result.metrics
     title = f"{result.volume.meta.get('description', '')}"
     if m and m.get("psnr") is not None:

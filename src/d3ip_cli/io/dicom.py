@@ -652,6 +652,10 @@ def read_dicom(path: str | os.PathLike, *, series: str | None = None, strict: bo
         meta["dicom"]["SliceThickness"] = thick.pop()
     if modality == "CT" and not has_rescale:
         problems.append("CT without RescaleSlope/Intercept: stored values kept (units unknown)")
+    raw = str(first.get("Modality", "") or "").upper()
+    if modality == "OT" and raw not in ("", "OT"):
+        meta["source_modality"] = raw  # e.g. NM, PT: d3ip's physics is CT or MR, chosen by --task
+        problems.append(f"Modality {raw} is neither CT nor MR: read as OT (values as stored; --task picks the physics)")
     if not strict:
         meta["fatal_problems"] = fatal
     return Volume(data, affine, meta)

@@ -10,7 +10,8 @@ same file as the run record, :func:`d3ip_cli.io.atomic.sidecar_path`) under the 
 The writer creates that sidecar; a command that then writes its run record to the same
 path keeps the key (:meth:`d3ip_cli.core.record.RunRecord.add_output` copies it), so
 ``d3ip convert X.npy -o Y.nii.gz`` round trips. A bare ``.npy`` without the sidecar is
-read with an identity affine (1 mm voxels) and a note in ``meta["problems"]``.
+read as axial slices of 1 mm voxels (:data:`BARE_AFFINE`: an array shown as stored is in
+the radiological display convention) with a note in ``meta["problems"]``.
 Arrays are loaded with ``allow_pickle=False``.
 """
 
@@ -28,6 +29,13 @@ from d3ip_cli import __version__
 from d3ip_cli.core.errors import FrameRequired, InputDataError, UsageError
 from d3ip_cli.core.types import Volume
 from d3ip_cli.io.atomic import _remove, atomic_output, sidecar_path, write_json
+
+BARE_AFFINE = np.array([[0.0, 0.0, -1.0, 0.0],   # columns (w) -> the patient's left (-R)
+                        [0.0, -1.0, 0.0, 0.0],   # rows (h) -> posterior (-A)
+                        [1.0, 0.0, 0.0, 0.0],    # slices (z) -> superior (+S)
+                        [0.0, 0.0, 0.0, 1.0]])
+"""RAS+ affine of a ``.npy`` without geometry: axial slices, 1 mm voxels, the way a bare
+``[Z, H, W]`` array of a head is usually meant (row 0 anterior, column 0 the patient's right)."""
 
 _META_KEYS = ("modality", "units", "series_description", "series_uid", "dicom", "nifti", "description",
               "source_sha256")
@@ -63,7 +71,7 @@ def read_npy(path: str | os.PathLike, *, frame: int | None = None) -> Volume:
         raise InputDataError(f"{p}: expected a [Z, H, W] array, got shape {arr.shape}")
     problems: list[str] = []
     meta: dict[str, Any] = {}
-    affine = np.eye(4)
+    affine = BARE_AFFINE.copy()
     side = sidecar_path(p)
     geometry = None
     if side.is_file():
@@ -80,8 +88,8 @@ def read_npy(path: str | os.PathLike, *, frame: int | None = None) -> Volume:
         saved = geometry.get("meta") or {}
         meta.update({k: saved[k] for k in _META_KEYS if k in saved})
     else:
-        problems.append(f"no geometry sidecar ({side.name}): identity affine "
-                        "(1 mm voxels, axes z->R, h->A, w->S) assumed")
+        problems.append(f"no geometry sidecar ({side.name}): axial slices of 1 mm voxels assumed "
+                        "(slices towards superior, rows towards posterior, columns towards the patient's left)")
     meta["problems"] = problems
     meta.setdefault("source_sha256", _file_sha256(p))
     return Volume(np.ascontiguousarray(arr, dtype=np.float32), affine, meta)

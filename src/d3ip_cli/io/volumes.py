@@ -176,6 +176,19 @@ def read_volume(path: str | os.PathLike, *, series: str | None = None, frame: in
     return finalize_volume(vol, p, fmt)
 
 
+def read_single_frame(path: str | os.PathLike, role: str, read: Any = None) -> "Volume":
+    """``read(path)`` (default :func:`read_volume`) for a volume whose command has no ``--frame`` of
+    its own (``--reference``, ``metrics``): a 4D file is refused with how to take one frame."""
+    from d3ip_cli.core.errors import FrameRequired
+
+    try:
+        return (read or read_volume)(path)
+    except FrameRequired as exc:
+        why = " (--frame picks a frame of the input only)" if role.startswith("--") else ""
+        raise UsageError(f"{role} {path} is 4D with {exc.frames} frames{why}: take one first, e.g. "
+                         f"d3ip convert {path} --frame 0 -o frame0.nii.gz") from None
+
+
 def finalize_volume(vol: "Volume", path: Path, fmt: str) -> "Volume":
     """Fill the common ``meta`` keys and check that the values are finite.
 
@@ -280,6 +293,8 @@ def volume_summary(volume: "Volume", *, with_stats: bool = True) -> dict[str, An
         "series_uid": meta.get("series_uid", ""),
         "slice_count": volume.shape[0],
     }
+    if meta.get("source_modality"):
+        doc["source_modality"] = meta["source_modality"]
     if with_stats:
         d = volume.data
         doc["value_range"] = [float(np.min(d)), float(np.max(d))]
