@@ -120,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--arc", type=float, default=90.0)
     ap.add_argument("--acceleration", type=float, default=4.0)
     ap.add_argument("--mask", default="uniform1d", help="cs-mri: uniform1d, gaussian1d or poisson2d")
+    ap.add_argument("--coils", type=int, default=1, help="cs-mri: simulated receive coils (birdcage maps, SENSE)")
     ap.add_argument("--slices", default=None)
     ap.add_argument("--n-slices", type=int, default=8, help="phantom slices")
     ap.add_argument("--grid", type=int, default=128)
@@ -133,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--csv", default=None, help="append rows to this CSV")
     ap.add_argument("--trajectory", action="store_true", help="per-step PSNR of x̂0 and x̃0 for dds variants")
     ap.add_argument("--real-image", action="store_true", help="MRI: constrain every method to real images")
+    ap.add_argument("--noise", default="none", help="none, poisson (CT photon counts, --i0) or gaussian (--sigma)")
+    ap.add_argument("--i0", type=float, default=1e5, help="incident photons per ray for --noise poisson")
+    ap.add_argument("--sigma", type=float, default=0.01, help="--noise gaussian: std relative to the data's RMS")
     ap.add_argument("--tv2d", action="store_true",
                     help="also report tv with the through-slice weight 0 (each slice alone; tuned like tv)")
     args = ap.parse_args(argv)
@@ -146,20 +150,23 @@ def main(argv: list[str] | None = None) -> int:
         path = _write_phantom(tmp, args.n_slices, args.grid, args.seed + 100)
     else:
         path = Path(args.volume)
-    opts = {"views": args.views, "arc": args.arc, "acceleration": args.acceleration, "mask": args.mask}
+    opts = {"views": args.views, "arc": args.arc, "acceleration": args.acceleration, "mask": args.mask,
+            "coils": args.coils}
     cfg = ReconConfig(task=args.task, method="cgls", slices=args.slices, grid=args.grid,
-                      seed=args.seed, **opts)
+                      seed=args.seed, noise=args.noise, i0=args.i0, sigma=args.sigma, **opts)
     problem = load_problem(path, cfg)
     if args.real_image:
         problem.op = RealImage(problem.op)
     ref = problem.reference
     modality = TASKS[args.task].modality
+    noise_label = {"poisson": f"poisson i0={args.i0:g}", "gaussian": f"gaussian sigma={args.sigma:g}"}.get(args.noise, "")
     prior = args.prior or str(bundled_prior_path())
     model, meta = load_prior(prior)
     model.eval()
     print(f"# {path.name} {args.task} {opts} slices={args.slices} grid={args.grid} z={ref.shape[0]} "
           f"prior={Path(prior).name} steps={meta.get('steps')} preset={args.preset}"
-          + (" real-image" if args.real_image else "") + (f" mask={args.mask}" if args.task == "cs-mri" else ""),
+          + (" real-image" if args.real_image else "") + (f" mask={args.mask} coils={args.coils}" if args.task == "cs-mri" else "")
+          + (f" noise={noise_label}" if args.noise != "none" else ""),
           flush=True)
 
     rows = []
@@ -171,7 +178,9 @@ def main(argv: list[str] | None = None) -> int:
                "slices": ref.shape[0], "variant": name, "psnr": m["psnr"], "ssim": m["ssim"],
                "z_rel_l2": m["z_rel_l2"], "seconds": round(seconds, 1),
                "settings": " ".join(filter(None, [extra, "real-image" if args.real_image else "",
-                                                  f"mask={args.mask}" if args.task == "cs-mri" else ""])),
+                                                  f"mask={args.mask}" if args.task == "cs-mri" else "",
+                                                  f"coils={args.coils}" if args.coils != 1 else "",
+                                                  f"noise={noise_label}" if args.noise != "none" else ""])),
                "prior_steps": meta.get("steps")}
         rows.append(row)
         print(f"{name:24s} psnr {m['psnr']:7.3f}  ssim {m['ssim']:.4f}  z-err {m['z_rel_l2']:.4f}  "

@@ -14,7 +14,7 @@ name            tasks                       defaults
 ==============  ==========================  ==============================================
 ``fbp``         sparse-view, limited-angle  ``filter="ram-lak"``
 ``cgls``        all                         ``n_iter=20``
-``tv``          all                         ``weight=5e-4, weight_z=None (=weight), n_iter=30, rho=1e-2``
+``tv``          all                         ``weight=5e-4, weight_z=None (=weight), n_iter=200, rho=1e-2``
 ``zero-filled`` cs-mri                      --
 ``l1-wavelet``  cs-mri                      ``weight=1e-3, n_iter=100, wavelet="db4"``
 ==============  ==========================  ==============================================
@@ -53,7 +53,7 @@ BASELINES: dict[str, Baseline] = {
     for b in (
         Baseline("fbp", fbp, CT_TASKS, {"filter": "ram-lak"}, "filtered back-projection"),
         Baseline("cgls", cgls, ALL_TASKS, {"n_iter": 20}, "least squares by CGLS, early stopping"),
-        Baseline("tv", tv, ALL_TASKS, {"weight": 5e-4, "weight_z": None, "n_iter": 30, "rho": 1e-2, "n_cg": 5},
+        Baseline("tv", tv, ALL_TASKS, {"weight": 5e-4, "weight_z": None, "n_iter": 200, "rho": 1e-2, "n_cg": 5},
                  "3D total variation (ADMM; separate in-plane and z weights; x >= 0 for CT)", warm_start=True),
         Baseline("zero-filled", zero_filled, MRI_TASKS, {}, "inverse FFT of zero-filled k-space, coil-combined"),
         Baseline("l1-wavelet", l1_wavelet, MRI_TASKS, {"weight": 1e-3, "n_iter": 100, "wavelet": "db4"},
