@@ -222,13 +222,18 @@ def main(argv: list[str] | None = None) -> int:
             trajectory(model, problem, x_init, s, args.seed)
 
     if args.csv:
-        new = not Path(args.csv).exists()
-        with open(args.csv, "a", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-            if new:
-                w.writeheader()
-            w.writerows(rows)
+        append_csv(args.csv, rows)
     return 0
+
+
+def append_csv(path: str | Path, rows: list[dict]) -> None:
+    """Append ``rows`` to the CSV at ``path``, writing the header when the file is new."""
+    new = not Path(path).exists()
+    with open(path, "a", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        if new:
+            w.writeheader()
+        w.writerows(rows)
 
 
 if __name__ == "__main__":

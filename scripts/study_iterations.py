@@ -17,7 +17,6 @@ and appending rows to a CSV. The numbers of ``docs/engine_study.md`` §13 come f
 from __future__ import annotations
 
 import argparse
-import csv
 import time
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from d3ip_cli.bench.metrics import volume_metrics
 from d3ip_cli.bench.runner import example_path
 from d3ip_cli.core.config import ReconConfig
 from d3ip_cli.engine.recon import load_problem, to_volume
+from study_engine import append_csv  # scripts/ is on sys.path when run as a script
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,13 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             report("tv", w, n, x, time.perf_counter() - t0)
 
     if args.csv:
-        out = Path(args.csv)
-        new = not out.exists()
-        with out.open("a", newline="") as f:
-            wr = csv.DictWriter(f, fieldnames=list(rows[0]))
-            if new:
-                wr.writeheader()
-            wr.writerows(rows)
+        append_csv(args.csv, rows)
     return 0
 
 
