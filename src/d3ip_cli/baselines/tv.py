@@ -76,9 +76,10 @@ def tv(op: LinearOperator, y: torch.Tensor, *, weight: float = 5e-4, weight_z: f
         weight: in-plane TV weight ``w``.
         weight_z: through-slice weight ``w_z`` (default ``w``; 0 decouples the slices).
         n_iter: ADMM iterations; ``n_cg``: CG steps per x-update. 200 by default: 30 stopped
-            short of the minimiser (30-view CT of the example: 35.05 dB at 30 iterations, 35.53 at
-            200, 35.54 at 1000 with w = 1e-5; 8-coil MRI: 34.68 at 30, 39.37 at 100 with w = 1e-4),
-            which flattered every method compared with TV (``docs/engine_study.md`` §13).
+            short of the minimiser (30-view CT of the example: best 35.05 dB at 30 iterations,
+            35.53 at 200 and 35.54 at 1000 with w = 1e-5; 8-coil MRI of Colin27: 34.68 at 30,
+            39.61 at 200 with w = 1e-4), which flattered every method compared with TV
+            (``docs/engine_study.md`` §13).
         rho: ADMM penalty (relative to the normalised data term).
         nonneg: enforce ``x >= 0`` (default: on for real-valued (CT) operators).
         x0: start.
