@@ -204,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
 
     with torch.no_grad():
         x_init = problem.op.pinv(problem.y)
+    from d3ip_cli.physics.noise import noise_level
+
+    level = noise_level(problem.y, problem.noise, getattr(problem.op, "mask", None) if modality == "MR" else None)
     for text in args.variant:
         name, method, overrides = parse_variant(text)
         n_samples = int(overrides.pop("samples", 1))
@@ -212,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
         images = []
         for k in range(n_samples):
             gen = torch.Generator().manual_seed((args.seed if args.sampler_seed is None else args.sampler_seed) + k)
-            images.append(diffusion.reconstruct(method, model, problem.op, problem.y, x_init, s, generator=gen).image)
+            images.append(diffusion.reconstruct(method, model, problem.op, problem.y, x_init, s, generator=gen,
+                                                noise=level).image)
         desc = f"{method} " + ",".join(f"{k}={v}" for k, v in overrides.items())
         if args.sampler_seed is not None:
             desc += f" sampler_seed={args.sampler_seed}"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from d3ip_cli.physics.registry import make_operator
-from d3ip_cli.physics.solvers import cg, cg_normal, cgls, power_norm, prox_l2
+from d3ip_cli.physics.solvers import cg, cg_normal, cgls, cgls_discrepancy, power_norm, prox_l2
 
 
 def _spd(n: int, gen: torch.Generator) -> torch.Tensor:
@@ -74,3 +74,44 @@ def test_cg_stays_put_on_a_singular_projection(gen):
         assert torch.isfinite(many).all()
         torch.testing.assert_close(op.A(many), y, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(many, one, rtol=1e-4, atol=1e-4)
+
+
+def test_discrepancy_cgls_with_a_zero_target_is_cg_on_the_normal_equations(gen):
+    """target 0: the same iterates as CG on A^H A x = A^H y from the same start (exact arithmetic)."""
+    op = make_operator("sparse-view", (3, 16, 16), views=10)
+    x = torch.rand(op.in_shape, dtype=torch.float64, generator=gen)
+    y = op.A(x)
+    start = torch.rand(op.in_shape, dtype=torch.float64, generator=gen)
+    a = cgls_discrepancy(op, y, start, torch.zeros(3), n_iter=6)
+    b = cg(op.normal, op.A_adjoint(y), x0=start, n_iter=6, per_slice=True)
+    torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-8)
+
+
+def test_discrepancy_cgls_lands_each_slice_on_its_target(gen):
+    """Noisy CT data: each slice stops with ||A_i x - y_i||^2 equal to its own target (the crossing
+    step is shortened), and a slice whose start already meets its target does not move."""
+    op = make_operator("sparse-view", (3, 16, 16), views=10)
+    x = torch.rand(op.in_shape, dtype=torch.float64, generator=gen)
+    y = op.A(x) + 0.05 * torch.randn(op.out_shape, dtype=torch.float64, generator=gen)
+    start = torch.zeros_like(x)
+    r0 = ((op.A(start) - y) ** 2).reshape(3, -1).sum(1)
+    target = torch.tensor([0.02, 0.3, 2.0]) * r0
+    target[2] = 2.0 * r0[2]  # already met
+    out = cgls_discrepancy(op, y, start, target, n_iter=300)
+    res = ((op.A(out) - y) ** 2).reshape(3, -1).sum(1)
+    torch.testing.assert_close(res[:2], target[:2].double(), rtol=1e-6, atol=0.0)
+    assert torch.equal(out[2], start[2])
+
+
+def test_discrepancy_cgls_blends_on_a_projection(gen):
+    """Single-coil Cartesian MRI (A^H A a projection, fitted by one CG step): a positive target
+    stops part-way along that step, between the start and the exact fit, instead of jumping to it."""
+    op = make_operator("cs-mri", (1, 32, 32), acceleration=4.0, generator=gen)
+    truth = torch.randn(1, 32, 32, generator=gen, dtype=torch.float64).to(torch.complex128)
+    y = op.A(truth)
+    start = torch.zeros_like(truth)
+    r0 = float((y.abs() ** 2).sum())
+    out = cgls_discrepancy(op, y, start, torch.tensor([0.25 * r0]), n_iter=10)
+    torch.testing.assert_close(float((op.A(out) - y).abs().pow(2).sum()), 0.25 * r0, rtol=1e-6, atol=0.0)
+    exact = cgls_discrepancy(op, y, start, torch.zeros(1), n_iter=10)
+    torch.testing.assert_close(out, 0.5 * exact)  # the residual halves in norm at half the step

@@ -95,6 +95,8 @@ def register(app: typer.Typer) -> None:
         lora_rank: Annotated[Optional[int], typer.Option("--lora-rank", help="Adaptation: LoRA rank (default 4).", rich_help_panel="Diffusion engine")] = None,
         train_bias: Annotated[Optional[bool], typer.Option("--train-bias/--no-train-bias", help="Adaptation: also train block biases.", rich_help_panel="Diffusion engine")] = None,
         cg_iter: Annotated[Optional[int], typer.Option("--cg-iter", help="Data consistency: CG iterations (default 5).", rich_help_panel="Diffusion engine")] = None,
+        fit: Annotated[Optional[str], typer.Option("--fit", help="Data consistency: steps (a fixed --cg-iter CG steps) or noise (CG from the prior's estimate down to the data's noise level, where the data record it; see --tau).", rich_help_panel="Diffusion engine")] = None,
+        tau: Annotated[Optional[float], typer.Option("--tau", help="--fit noise: leave tau² of the fittable noise energy in the residual (1 = the discrepancy principle).", rich_help_panel="Diffusion engine")] = None,
         gamma: Annotated[Optional[float], typer.Option("--gamma", help="Data consistency: proximal weight γ (MRI).", rich_help_panel="Diffusion engine")] = None,
         lam: Annotated[Optional[float], typer.Option("--lam", help="d3ip-mbir: weight λ of total variation along z in its ADMM data consistency (default 0.03 for CT, 0.003 for MRI).", rich_help_panel="Diffusion engine")] = None,
         precision: Annotated[Optional[str], typer.Option("--precision", help="Diffusion: network arithmetic, fp32, bf16 or auto (bf16 where the device computes it natively; preset: fast auto, standard/paper fp32).", rich_help_panel="Diffusion engine")] = None,
@@ -132,7 +134,7 @@ def register(app: typer.Typer) -> None:
             coils=coils, backend=backend, slices=slices, grid=grid, noise=noise, i0=i0, sigma=sigma, method=method,
             prior=prior, preset=preset, seed=seed, samples=samples, weight=weight, weight_z=weight_z, filter=fbp_filter, format=format, series=series,
             frame=frame, checkpoint_dir=checkpoint_dir, resume=resume, steps=steps, t_start=t_start, eta=eta, adapt_iters=adapt_iters,
-            adapt_batch=adapt_batch, lr=lr, lora_rank=lora_rank, train_bias=train_bias, cg_iter=cg_iter, gamma=gamma, lam=lam,
+            adapt_batch=adapt_batch, lr=lr, lora_rank=lora_rank, train_bias=train_bias, cg_iter=cg_iter, fit=fit, tau=tau, gamma=gamma, lam=lam,
             checkpoint_every=checkpoint_every, adapter=adapter, save_adapter=save_adapter, precision=precision)
         from d3ip_cli.engine import distributed
 

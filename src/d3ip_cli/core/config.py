@@ -139,6 +139,8 @@ class ReconConfig(TaskOptions, NoiseOptions):
     lora_rank: Optional[int] = Field(None, ge=1, le=256)
     train_bias: Optional[bool] = None
     cg_iter: Optional[int] = Field(None, ge=0)
+    fit: Optional[Literal["steps", "noise"]] = None
+    tau: Optional[float] = Field(None, gt=0)
     gamma: Optional[float] = Field(None, gt=0)
     lam: Optional[float] = Field(None, ge=0)
     checkpoint_every: Optional[int] = Field(None, ge=1)
@@ -147,7 +149,7 @@ class ReconConfig(TaskOptions, NoiseOptions):
     precision: Optional[Literal["fp32", "bf16", "auto"]] = None
 
     ENGINE_FIELDS: ClassVar[tuple[str, ...]] = ("steps", "t_start", "eta", "adapt_iters", "adapt_batch", "lr", "lora_rank",
-                                                "train_bias", "cg_iter", "gamma", "lam", "checkpoint_every", "adapter",
+                                                "train_bias", "cg_iter", "fit", "tau", "gamma", "lam", "checkpoint_every", "adapter",
                                                 "save_adapter", "precision")
 
     @field_validator("slices")

@@ -6,6 +6,11 @@ All act on images in the engine's normalised units, ``[Z, H, W]`` (complex for M
   :math:`\hat x_0` (the Krylov subspace keeps the prior's estimate where the data are silent);
 * :func:`prox_dc` — the proximal form :math:`(I + \gamma A^H A)x = \hat x_0 + \gamma A^H y`
   (the MRI default);
+* :func:`discrepancy_dc` — CG (in its CGLS form) from :math:`\hat x_0` until each slice's residual
+  falls to a target set by the noise (:meth:`~d3ip_cli.physics.noise.NoiseLevel.target`: a
+  fraction :math:`\tau^2` of the noise the data can be fitted to is left, Morozov's discrepancy
+  principle at :math:`\tau = 1`; the exact fit, within a cap, for noiseless data): how far to fit
+  is set by the noise, not by a fixed count of steps;
 * :func:`admm_tv_z_dc` — DiffusionMBIR coupling across slices:
 
   .. math:: \min_x \tfrac12\|Ax - y\|^2 + \lambda \|D_z x\|_1
@@ -25,7 +30,7 @@ import torch
 
 from d3ip_cli.physics.base import LinearOperator
 from d3ip_cli.physics.finite_diff import diff_adjoint, diff_forward
-from d3ip_cli.physics.solvers import cg
+from d3ip_cli.physics.solvers import cg, cgls_discrepancy
 
 DC = Callable[[torch.Tensor], torch.Tensor]
 
@@ -49,6 +54,17 @@ def prox_dc(op: LinearOperator, y: torch.Tensor, gamma: float = 1.0, n_iter: int
     def dc(x0: torch.Tensor) -> torch.Tensor:
         x0 = x0.to(aty.dtype) if aty.is_complex() else x0
         return cg(lambda v: v + gamma * op.normal(v), x0 + gamma * aty, x0=x0, n_iter=n_iter)
+
+    return dc
+
+
+def discrepancy_dc(op: LinearOperator, y: torch.Tensor, target: torch.Tensor, n_iter: int = 50) -> DC:
+    """``x0 -> CGLS from x0``, slice ``i`` stopped at :math:`\\|A_i x - y_i\\|^2` = ``target[i]`` (at most
+    ``n_iter`` steps; see :meth:`~d3ip_cli.physics.noise.NoiseLevel.target`)."""
+    t = target.to(device=y.device, dtype=y.real.dtype if y.is_complex() else y.dtype)
+
+    def dc(x0: torch.Tensor) -> torch.Tensor:
+        return cgls_discrepancy(op, y, x0, t, n_iter=n_iter)
 
     return dc
 

@@ -43,6 +43,7 @@ from d3ip_cli.core.errors import UsageError
 from d3ip_cli.engine import consistency, lora
 from d3ip_cli.engine.samplers import ddim_sample, diffuse
 from d3ip_cli.physics.base import LinearOperator
+from d3ip_cli.physics.noise import NoiseLevel
 from d3ip_cli.physics.solvers import cg
 from d3ip_cli.prior import schedule
 
@@ -58,6 +59,9 @@ class DiffusionSettings:
     eta: float = 0.85
     dc: str = "cg"  # cg | prox | admm-tv-z
     cg_iter: int = 5
+    fit: str = "steps"  # steps: dc as set (cg_iter steps) | noise: CG down to the noise level where it is known
+    tau: float = 0.7  # fit = noise: leave tau² of the fittable noise energy (NoiseLevel.target; 1 = discrepancy principle)
+    cg_max: int = 50  # fit = noise: the most CG steps per sampling step
     gamma: float = 1.0
     rho: float = 0.5
     lam: float = 0.01
@@ -91,6 +95,10 @@ class DiffusionSettings:
             raise UsageError(f"--eta must be in [0, 1], got {self.eta}")
         if self.dc not in ("cg", "prox", "admm-tv-z"):
             raise UsageError(f"unknown data consistency {self.dc!r}")
+        if self.fit not in ("steps", "noise"):
+            raise UsageError(f"--fit {self.fit!r}: expected steps or noise")
+        if not self.tau > 0 or self.cg_max < 1:
+            raise UsageError(f"--tau must be > 0 and --cg-max >= 1 (got {self.tau}, {self.cg_max})")
         if self.adapt_iters < 0 or self.adapt_batch < 1 or self.lora_rank < 1:
             raise UsageError("adaptation settings must be positive (iterations >= 0, batch >= 1, rank >= 1)")
         if self.adapt_draw not in ("random", "cover"):
@@ -105,9 +113,15 @@ class DiffusionSettings:
 
 PRESETS: dict[str, dict[str, Any]] = {
     # a CPU user's settings: few steps on a truncated trajectory (t_start 60 for CT, 250 for MRI), short
-    # adaptation (K = 10 for CT, 3 for MRI) at a higher rate (3e-3): see PRESET_MODALITY
+    # adaptation (K = 10 for CT, 3 for MRI) at a higher rate (3e-3): see PRESET_MODALITY; data consistency
+    # fits down to the data's recorded noise (fit = noise, tau = 0.7; where the noise is unknown the
+    # modality's fixed steps). Chosen on volumes outside the benchmarks (docs/engine_study.md §14: phantoms
+    # 107 and 108, Colin27 96:104 and 60:68) over noise levels: against the fixed steps dds gained on 30-view
+    # CT +2.10 / +1.12 dB (photons i0 = 1e4), -0.22 / -0.11 (1e5), +0.17 / +0.03 (1e6) and +1.45 / +0.28
+    # without noise (the exact fit), and on 8-coil MRI x4 +2.8 to +8.3 dB at sigma = 0.3-1% and +0.84 / +1.06
+    # at 3%, where tau = 0.5 lost 3.2-3.4 dB; the standard and paper presets keep the paper's fixed 5 CG steps
     "fast": {"steps": 20, "t_start": 60, "adapt_iters": 10, "adapt_batch": 2, "lr": 3e-3, "cg_iter": 5,
-             "meta_outer": 8, "meta_inner": 2, "precision": "auto"},
+             "fit": "noise", "tau": 0.7, "meta_outer": 8, "meta_inner": 2, "precision": "auto"},
     # the paper's settings (DDS/D3IP): 50 steps, K = 10, M = 3, 5 CG iterations
     "standard": {"steps": 50, "adapt_iters": 10, "adapt_batch": 3, "cg_iter": 5},
     # the paper's settings plus the reference's bias training (GPU)
@@ -122,8 +136,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 # 28.91 / 29.79 / 29.29 at 0.01; CT 0.03, where d3ip-mbir gave 31.31 / 29.74 / 39.78 dB (30-view)
 # against 31.21 / 29.44 / 38.60 at 0.01 (0.1 is better on Colin27 but 0.93 dB worse on the phantom).
 #
-# MRI keeps the reference's proximal step (gamma = 10, 5 CG steps) although it leaves multi-coil data
-# under-fit: on 8-coil cs-mri x4 of Colin27 (docs/engine_study.md §13) the exact fit (CG on the normal
+# Where the noise is unknown (and in the standard and paper presets) MRI keeps the reference's proximal
+# step (gamma = 10, 5 CG steps) although it leaves multi-coil data under-fit (the fast preset's fit = noise
+# replaces it where the data record their noise, §14): on 8-coil cs-mri x4 of Colin27 (docs/engine_study.md §13) the exact fit (CG on the normal
 # equations, 50 steps) lifts dds from 28.56 to 41.13 dB without noise, but with complex noise of 1% of
 # the data's RMS it falls to 23.11 dB (the proximal step: 28.52), and 20 steps win at 1% and lose at 3%:
 # how far to fit depends on the noise. High-SNR multi-coil data: --gamma 1000 --cg-iter 50 (38.00 dB).
@@ -246,9 +261,18 @@ def make_eps_model(model: torch.nn.Module, chunk: int) -> Callable[[torch.Tensor
     return eps
 
 
-def make_dc(op: LinearOperator, y: torch.Tensor, smap: StateMap, s: DiffusionSettings) -> Callable:
-    """The data-consistency hook on network states, from the settings."""
-    if s.dc == "cg":
+def make_dc(op: LinearOperator, y: torch.Tensor, smap: StateMap, s: DiffusionSettings,
+            noise: NoiseLevel | None = None) -> Callable:
+    """The data-consistency hook on network states, from the settings.
+
+    ``noise`` (:class:`~d3ip_cli.physics.noise.NoiseLevel`, ``None`` when unknown): with ``fit =
+    "noise"`` the CG and proximal steps become :func:`~d3ip_cli.engine.consistency.discrepancy_dc`,
+    stopped at ``noise.target(H·W, tau)``.
+    """
+    if s.fit == "noise" and noise is not None and s.dc in ("cg", "prox"):
+        unknowns = int(op.in_shape[-1]) * int(op.in_shape[-2])
+        img_dc = consistency.discrepancy_dc(op, y, noise.target(unknowns, s.tau), s.cg_max)
+    elif s.dc == "cg":
         img_dc = consistency.cg_dc(op, y, s.cg_iter)
     elif s.dc == "prox":
         img_dc = consistency.prox_dc(op, y, s.gamma, s.cg_iter)
@@ -393,6 +417,7 @@ def reconstruct(
     progress: Callable[[dict], None] | None = None,
     adapter: dict[str, torch.Tensor] | None = None,
     checkpointer: Any | None = None,
+    noise: NoiseLevel | None = None,
 ) -> DiffusionResult:
     """Run a diffusion method on ``y = A x`` and return the image in normalised units.
 
@@ -408,6 +433,8 @@ def reconstruct(
         adapter: an initial adapter state (``--adapter``) for the LoRA methods.
         checkpointer: a :class:`~d3ip_cli.engine.checkpointing.Checkpointer` (save every few
             steps, resume, stop on signals), or ``None``.
+        noise: the data's :class:`~d3ip_cli.physics.noise.NoiseLevel` (``None`` when unknown);
+            used by ``fit = "noise"``.
 
     Under ``torchrun`` each rank reconstructs its shard of slices; the shared adapter's
     gradients are averaged across ranks; rank 0 receives the whole volume (others ``None``).
@@ -431,6 +458,7 @@ def reconstruct(
         sh = dist.shard(z_total, rank, world_size)
         idx = list(range(sh.start, sh.stop))
         op, y, x_init = op.select(idx), y[sh], x_init[sh]
+        noise = None if noise is None else noise.select(sh)
 
     net = copy.deepcopy(model).to(dev).eval()
     params: list[torch.nn.Parameter] = []
@@ -470,9 +498,10 @@ def reconstruct(
             lora.load_adapter_state(net, {k[8:]: v for k, v in tensors.items() if k.startswith("adapter.")})
 
     def run(sub_op: LinearOperator, y_sub: torch.Tensor, x0_sub: torch.Tensor, pool: torch.Tensor,
-            label: str, iters: int | None = None, resumable: bool = True) -> torch.Tensor:
+            label: str, iters: int | None = None, resumable: bool = True,
+            level: NoiseLevel | None = None) -> torch.Tensor:
         sm = StateMap(sub_op.in_shape[0], smap.complex)
-        dc = make_dc(sub_op, y_sub, sm, s)
+        dc = make_dc(sub_op, y_sub, sm, s, level)
         adapt = make_adapt_hook(fwd, params, sub_op, y_sub, sm, s, abar, generator, pool, iters, stats,
                                 sync=lockstep)
         start = 0
@@ -506,7 +535,7 @@ def reconstruct(
 
     all_slices = torch.arange(z, device="cpu")
     if method in ("dds", "d3ip", "d3ip-mbir"):
-        image = run(op, y, x_init, all_slices, method)
+        image = run(op, y, x_init, all_slices, method, level=noise)
     else:
         done: list[torch.Tensor] = []
         if saved is not None and saved[1].get("stage") == "slices":
@@ -522,7 +551,8 @@ def reconstruct(
         for i in range(len(done), z):
             lora.load_adapter_state(net, init_state)
             done.append(run(op.select([i]), y[i:i + 1], x_init[i:i + 1], torch.arange(1),
-                            f"{method} slice {i + 1}/{z}", iters, resumable=False)[0])
+                            f"{method} slice {i + 1}/{z}", iters, resumable=False,
+                            level=None if noise is None else noise.select(slice(i, i + 1)))[0])
             if checkpointer is not None and i + 1 < z:
                 state = {"rng": rng_tensor(generator), "done": torch.stack(done, 0)}
                 state.update({f"init.{k}": v for k, v in init_state.items()})
@@ -690,7 +720,18 @@ def run_registered(name: str, op: LinearOperator, y: torch.Tensor, x_init: torch
         if made_for and made_for != ctx.task and ctx.record is not None:
             ctx.record.warn(f"--adapter {ctx.params['adapter']} was adapted on --task {made_for} data; this run is "
                             f"--task {ctx.task}")
+    from d3ip_cli.physics.noise import noise_level
+
+    level = noise_level(y, ctx.noise, getattr(op, "mask", None) if modality == "MR" else None)
+    fits_noise = s.fit == "noise" and level is not None and s.dc in ("cg", "prox")
     if ctx.record is not None and rank == 0:  # known before the run: said before it (the CLI prints each as recorded)
+        if s.fit == "noise" and level is None and s.dc in ("cg", "prox"):
+            ctx.record.warn(f"the data do not record their noise level, so data consistency runs a fixed {s.cg_iter} "
+                            f"{'CG' if s.dc == 'cg' else 'proximal CG'} steps instead of fitting down to the noise")
+        for key, opt in (("cg_iter", "--cg-iter"), ("gamma", "--gamma")):
+            if fits_noise and overrides.get(key) is not None:
+                ctx.record.warn(f"{opt} is ignored: data consistency fits down to the recorded noise level "
+                                f"(--fit noise; --fit steps runs the fixed steps)")
         res = int(meta.get("resolution") or 0)
         h, w = (int(v) for v in op.in_shape[-2:])
         if res and not res / 4 <= min(h, w) <= max(h, w) <= 4 * res:
@@ -699,7 +740,7 @@ def run_registered(name: str, op: LinearOperator, y: torch.Tensor, x_init: torch
         unused = {"lam": ("--lam", "admm-tv-z", "d3ip-mbir's ADMM step"),
                   "gamma": ("--gamma", "prox", "the proximal data consistency (MRI)")}
         for key, (opt, dc, where) in unused.items():
-            if overrides.get(key) is not None and s.dc != dc:
+            if overrides.get(key) is not None and s.dc != dc and not (key == "gamma" and fits_noise):
                 ctx.record.warn(f"{opt} is ignored: it weights {where}, and {name} here runs {s.dc}")
         if world_size > 1 and name == "d3ip-mbir":
             ctx.record.warn(f"d3ip-mbir under torchrun: TV along z couples slices within each of the {world_size} "
@@ -740,7 +781,7 @@ def run_registered(name: str, op: LinearOperator, y: torch.Tensor, x_init: torch
             ck.install_signal_handlers()
         try:
             last = reconstruct(name, model, op, y, x_init, s, generator=gen, progress=progress, adapter=adapter,
-                               checkpointer=ck)
+                               checkpointer=ck, noise=level)
         finally:
             if ck is not None:
                 ck.restore_signal_handlers()
@@ -757,7 +798,11 @@ def run_registered(name: str, op: LinearOperator, y: torch.Tensor, x_init: torch
                                     "resolution": meta.get("resolution"), "preset": meta.get("preset"),
                                     "images_seen_total": meta.get("images_seen_total", meta.get("images_seen"))}
         ctx.record["engine"] = {"preset": ctx.preset or "fast", "settings": s.to_dict(), "memory": mp.to_dict(), "stats": last.stats if last else {},
-                                "samples": len(images), "world_size": world_size}
+                                "samples": len(images), "world_size": world_size,
+                                "data_fit": {"fit": "noise" if fits_noise else "steps", "dc": s.dc,
+                                             "noise": (ctx.noise or {}).get("model", "unknown"),
+                                             "tau": s.tau if fits_noise else None,
+                                             "cg_steps": s.cg_max if fits_noise else s.cg_iter}}
         if dev.type == "cuda":
             ctx.record["peak_device_memory_mb"] = round(torch.cuda.max_memory_allocated(dev) / 2**20, 1)
         ctx.record["model_evaluations"] = (last.stats.get("nfe_sample", 0) + last.stats.get("nfe_adapt", 0)) if last else 0

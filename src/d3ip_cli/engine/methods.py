@@ -68,6 +68,8 @@ class MethodContext:
     samples: int = 1
     checkpoint_dir: str | None = None
     resume: bool = False
+    noise: dict[str, Any] | None = None
+    """The data's noise record in the units of ``y`` (``None``: unknown)."""
 
     def report(self, step: int, total: int, **info: Any) -> None:
         """Forward progress to the callback, if any."""

@@ -66,6 +66,9 @@ class Problem:
     """True when the input was a measurement file (not an image volume)."""
     measurement: Measurement | None = None
     warnings: list[str] = dataclasses.field(default_factory=list)
+    noise: dict[str, Any] | None = None
+    """The data's noise record in the units of ``y`` (``{"model": "none" | "gaussian" | "poisson", ...}``),
+    ``None`` when unknown (a measured file that does not record it)."""
     extras: dict[str, Any] = dataclasses.field(default_factory=dict)
     """Extra outputs of the method (``"std"``: the posterior standard deviation of ``--samples K``)."""
 
@@ -285,7 +288,8 @@ def problem_from_volume(vol: Volume, cfg: ReconConfig, *, device: torch.device |
         notes.append(f"the input is {article} {vol.modality} image; --task {cfg.task} simulates {task_modality} data from "
                      "it (a synthetic study, not this scan's acquisition)")
     return Problem(op=op, y=y, task=str(cfg.task), scale=scale, affine=vol.affine.copy(), meta=meta,
-                   reference=reference, retrospective=True, measurement=meas, warnings=notes)
+                   reference=reference, retrospective=True, measurement=meas, warnings=notes,
+                   noise=dict(meas.provenance["noise"]))
 
 
 def _mri_maps_if_needed(meas: Measurement, progress: Progress | None) -> dict[str, np.ndarray]:
@@ -321,6 +325,8 @@ def problem_from_measurement(meas: Measurement, cfg: ReconConfig, *, device: tor
                              f"({list(op.out_shape)})")
     y = torch.from_numpy(meas.data).to(device)
     notes: list[str] = []
+    noise = meas.provenance.get("noise")
+    noise = dict(noise) if isinstance(noise, dict) and noise.get("model") else None
     if meas.intensity:
         scale = IntensityScale.from_dict(meas.intensity)
     else:
@@ -328,6 +334,8 @@ def problem_from_measurement(meas: Measurement, cfg: ReconConfig, *, device: tor
             x0 = op.pinv(y)
         scale = scale_for_image(x0.abs().cpu().numpy(), units=str(meas.meta.get("units", "a.u.")))
         y = y / scale.scale
+        if noise is not None and noise.get("sigma_absolute") is not None:
+            noise["sigma_absolute"] = float(noise["sigma_absolute"]) / scale.scale
         notes.append(f"no intensity scale recorded: data divided by {scale.scale:.6g} (99.5th percentile of "
                      "the zero-filled magnitude)")
     ref = None
@@ -339,7 +347,7 @@ def problem_from_measurement(meas: Measurement, cfg: ReconConfig, *, device: tor
         ref = clip_reference(ref, scale, notes)
     return Problem(op=op, y=y, task=task, scale=scale, affine=meas.affine, meta=dict(meas.meta),
                    reference=ref, retrospective=bool(meas.provenance.get("retrospective")), from_file=True,
-                   measurement=meas, warnings=notes)
+                   measurement=meas, warnings=notes, noise=noise)
 
 
 def load_problem(input_path: str | os.PathLike, cfg: ReconConfig, *, device: torch.device | str = "cpu",
@@ -432,7 +440,8 @@ def run_method(problem: Problem, cfg: ReconConfig, *, device: torch.device | str
     dev = torch.device(device)
     ctx = MethodContext(device=dev, generator=make_generator(cfg.seed, dev), seed=cfg.seed, task=problem.task,
                         params=params, progress=progress, record=record, prior=cfg.prior, preset=cfg.preset,
-                        samples=cfg.samples, checkpoint_dir=cfg.checkpoint_dir, resume=cfg.resume)
+                        samples=cfg.samples, checkpoint_dir=cfg.checkpoint_dir, resume=cfg.resume,
+                        noise=problem.noise)
     with torch.no_grad():
         x_init = problem.op.pinv(problem.y)
     x = method.fn(problem.op, problem.y, x_init, ctx)

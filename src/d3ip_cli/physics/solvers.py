@@ -9,6 +9,8 @@
 - :func:`cg_normal`: CG on :math:`A^H A x = A^H y` from ``x0`` (DDS-style data consistency).
 - :func:`cgls`: least squares :math:`\\min \\|Ax - y\\|^2` (CGLS, numerically safer than CG on the
   normal equations).
+- :func:`cgls_discrepancy`: CGLS from a start, each slice stopped where its residual reaches the
+  noise (the discrepancy principle), the crossing step shortened to land on it.
 - :func:`power_norm`: the operator norm :math:`\\|A\\|_2` by power iteration.
 
 Inner products are real parts of complex ones (the normal operators are Hermitian).
@@ -105,6 +107,23 @@ def prox_l2(op: LinearOperator, y: torch.Tensor, x_hat: torch.Tensor, gamma: flo
     return cg(normal, rhs, x_hat, n_iter, per_slice=per_slice)
 
 
+def _cgls_start(op: LinearOperator, y: torch.Tensor, x0: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CGLS's start: ``x`` (zeros when ``x0`` is ``None``, complex where the gradient is), the
+    residual ``r = y - A x`` and the gradient ``s = A^H r``."""
+    if x0 is None:
+        dtype = y.dtype if (y.is_complex() and op.complex_input) else y.real.dtype
+        x = torch.zeros(op.in_shape, dtype=dtype, device=y.device)
+        r = y
+    else:
+        x = x0
+        r = y - op.A(x)
+    s = op.A_adjoint(r)
+    if not x.is_complex() and s.is_complex():
+        x = x.to(s.dtype)
+    return x, r, s
+
+
 def cgls(op: LinearOperator, y: torch.Tensor, x0: torch.Tensor | None = None, n_iter: int = 20, *,
          per_slice: bool = True, progress: Progress | None = None) -> torch.Tensor:
     """CGLS for :math:`\\min_x \\|A x - y\\|_2^2` (early stopping regularises).
@@ -116,16 +135,7 @@ def cgls(op: LinearOperator, y: torch.Tensor, x0: torch.Tensor | None = None, n_
         per_slice: independent step sizes per slice (exact for slice-separable operators).
         progress: ``progress(step, total, info)`` after each iteration.
     """
-    if x0 is None:
-        dtype = y.dtype if (y.is_complex() and op.complex_input) else y.real.dtype
-        x = torch.zeros(op.in_shape, dtype=dtype, device=y.device)
-        r = y
-    else:
-        x = x0
-        r = y - op.A(x)
-    s = op.A_adjoint(r)
-    if not x.is_complex() and s.is_complex():
-        x = x.to(s.dtype)
+    x, r, s = _cgls_start(op, y, x0)
     p = s
     gamma = _dot(s, s, per_slice)
     for k in range(int(n_iter)):
@@ -139,6 +149,59 @@ def cgls(op: LinearOperator, y: torch.Tensor, x0: torch.Tensor | None = None, n_
         gamma = gamma_new
         if progress is not None:
             progress(k + 1, int(n_iter), {"residual": float(torch.linalg.vector_norm(r))})
+    return x
+
+
+def cgls_discrepancy(op: LinearOperator, y: torch.Tensor, x0: torch.Tensor, target: torch.Tensor,
+                     n_iter: int = 50) -> torch.Tensor:
+    """CGLS from ``x0``, each slice stopped by the discrepancy principle (Morozov).
+
+    Slice ``i`` iterates until :math:`\\|A_i x_i - y_i\\|^2 \\le` ``target[i]`` (e.g. :math:`\\tau^2`
+    times the expected energy of the noise in ``y_i``) or for ``n_iter`` iterations. The step
+    that crosses the target is shortened so that the residual lands on it: the residual along a
+    CGLS step, :math:`\\|r - \\alpha q\\|^2`, is a quadratic that decreases on :math:`[0, \\alpha^*]`,
+    so early stopping here is continuous in the noise level (a projection such as single-coil
+    Cartesian :math:`A^HA`, which CG fits in one step, blends :math:`x_0` and the data instead of
+    jumping to the exact fit). ``target = 0`` is CGLS for ``n_iter`` iterations (the exact fit
+    within them). Slice-separable operators only (step sizes are per slice).
+
+    Args:
+        op: the operator; ``y`` has shape ``op.out_shape``.
+        x0: the start (the prior's estimate); complex when ``op`` takes complex images.
+        target: ``[Z]`` squared residual norms to stop at (non-negative).
+        n_iter: the most iterations.
+    """
+    x, r, s = _cgls_start(op, y, x0)
+    p = s
+    gamma = _dot(s, s, True)
+    rr = _dot(r, r, True)
+    target = target.to(rr.dtype).reshape(rr.shape)
+    aty = op.A_adjoint(y)
+    floor = _dot(aty, aty, True) * (16 * torch.finfo(gamma.dtype).eps) ** 2
+    active = (rr > target) & (gamma > floor)
+    for _ in range(int(n_iter)):
+        if not bool(active.any()):
+            break
+        q = op.A(p)
+        qq = _dot(q, q, True)
+        alpha = _div(gamma, qq)
+        # ||r - a q||^2 = rr - 2 a c + a^2 qq with c = <r, q> (= gamma in exact arithmetic); land on
+        # the target if this step crosses it
+        c = _dot(r, q, True)
+        after = rr - 2 * alpha * c + alpha * alpha * qq
+        crosses = after < target
+        disc = (c * c - qq * (rr - target)).clamp_min(0)
+        short = _div(c - disc.sqrt(), qq)
+        alpha = torch.where(crosses, torch.minimum(short, alpha), alpha)
+        alpha = torch.where(active, alpha, torch.zeros_like(alpha))
+        x = x + _bc(alpha, p) * p
+        r = r - _bc(alpha, q) * q
+        rr = _dot(r, r, True)
+        s = op.A_adjoint(r)
+        gamma_new = _dot(s, s, True)
+        active = active & ~crosses & (gamma_new > floor)
+        p = s + _bc(_div(gamma_new, gamma), p) * p
+        gamma = gamma_new
     return x
 
 
