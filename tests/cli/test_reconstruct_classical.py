@@ -191,6 +191,42 @@ def test_ismrmrd_file(cli, tmp_path):
     _run(cli, [reps, "--method", "zero-filled", "--frame", "2", "-o", tmp_path / "r2.nii.gz"])
 
 
+@pytest.mark.skipif(shutil.which("ismrmrd_generate_cartesian_shepp_logan") is None,
+                    reason="ismrmrd-tools not installed")
+def test_ismrmrd_noise_calibration_sets_the_noise_level(cli, prior, tmp_path):
+    """The noise-adjust acquisitions of an ISMRMRD file give the data's noise level (checked against
+    the noise measured independently, from the difference of two repetitions of the same k-space);
+    d3ip's --fit noise then fits down to it, and a file without them falls back to the fixed steps."""
+    import ismrmrd
+
+    from d3ip_cli.io.measurement import read_measurement
+
+    path = tmp_path / "cal.h5"
+    subprocess.run(["ismrmrd_generate_cartesian_shepp_logan", "-m", "32", "-c", "4", "-r", "2", "-n", "0.05", "-C",
+                    "-o", str(path)], check=True, capture_output=True)
+    dset = ismrmrd.Dataset(str(path), "dataset", create_if_needed=False)
+    reps: dict[int, dict[int, np.ndarray]] = {0: {}, 1: {}}
+    for i in range(dset.number_of_acquisitions()):
+        acq = dset.read_acquisition(i)
+        if not acq.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT):
+            reps[acq.idx.repetition][acq.idx.kspace_encode_step_1] = acq.data
+    dset.close()
+    diff = np.stack([reps[0][line] - reps[1][line] for line in reps[0]])
+    measured = float(np.sqrt(np.mean(np.abs(diff) ** 2) / 2))
+    noise = read_measurement(path, frame=0).provenance["noise"]
+    assert noise["model"] == "gaussian" and abs(noise["sigma_absolute"] / measured - 1) < 0.1
+    doc = _run(cli, [path, "--frame", "0", "--method", "dds", "--prior", prior, "--steps", "3", "-o",
+                     tmp_path / "d.nii.gz"])
+    assert doc["engine"]["data_fit"]["fit"] == "noise" and doc["engine"]["data_fit"]["noise"] == "gaussian"
+    plain = tmp_path / "plain.h5"
+    subprocess.run(["ismrmrd_generate_cartesian_shepp_logan", "-m", "32", "-c", "4", "-o", str(plain)],
+                   check=True, capture_output=True)
+    assert "noise" not in read_measurement(plain).provenance
+    doc = _run(cli, [plain, "--method", "dds", "--prior", prior, "--steps", "3", "-o", tmp_path / "p.nii.gz"])
+    assert doc["engine"]["data_fit"]["fit"] == "steps"
+    assert any("do not record their noise level" in w for w in doc["warnings"])
+
+
 def test_bad_inputs_are_one_line_errors(cli, anatomy, tmp_path):
     meas, good = tmp_path / "k.h5", tmp_path / "good.h5"
     assert cli(["simulate", anatomy, "-o", meas, "--task", "cs-mri", "--slices", "0:2"]).exit_code == 0

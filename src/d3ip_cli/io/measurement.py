@@ -334,10 +334,17 @@ def _read_ismrmrd(p: Path, frame: int | None) -> Measurement:
         if not 0 <= rep < n_reps:
             raise UsageError(f"--frame {rep}: the ISMRMRD file holds {n_reps} repetition(s)")
         k = None
+        noise_power, noise_count, noise_dwell, dwell = 0.0, 0, None, None
         for i in range(dset.number_of_acquisitions()):
             acq = dset.read_acquisition(i)
-            if acq.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT) or acq.idx.repetition != rep:
+            if acq.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT):  # noise calibration (a noise-adjust scan)
+                noise_power += float(np.sum(np.abs(acq.data.astype(np.complex128)) ** 2))
+                noise_count += int(acq.data.size)
+                noise_dwell = float(acq.sample_time_us) or noise_dwell
                 continue
+            if acq.idx.repetition != rep:
+                continue
+            dwell = dwell or float(acq.sample_time_us) or None
             if k is None:
                 k = np.zeros((n_slices, acq.active_channels, e_ny, e_nx), dtype=np.complex64)
             line = acq.idx.kspace_encode_step_1 + (e_ny // 2 - ky_center)
@@ -361,5 +368,12 @@ def _read_ismrmrd(p: Path, frame: int | None) -> Measurement:
         mask = np.ascontiguousarray(mask[..., (e_nx - r_nx) // 2:(e_nx - r_nx) // 2 + r_nx])
     z, c, ky, kx = k.shape
     spacing = (float(fov.z) / max(n_slices, 1) if fov.z else 1.0, float(fov.y) / ky, float(fov.x) / kx)
-    extra = {"repetition": rep, "repetitions": n_reps, "encoded_matrix": [e_ny, e_nx], "recon_matrix_x": r_nx}
+    extra: dict[str, Any] = {"repetition": rep, "repetitions": n_reps, "encoded_matrix": [e_ny, e_nx],
+                             "recon_matrix_x": r_nx}
+    if noise_count:
+        # E|n|^2 per sample of the noise scan, scaled to the imaging readout's bandwidth (the variance
+        # grows as the dwell time shrinks); the readout crop is unitary, so it keeps the per-sample variance
+        power = noise_power / noise_count * ((noise_dwell / dwell) if noise_dwell and dwell else 1.0)
+        extra["noise"] = {"model": "gaussian", "sigma_absolute": float(np.sqrt(power)),
+                          "source": f"{noise_count} noise-calibration samples (mean over coils, not prewhitened)"}
     return _mr_measurement(k, mask, spacing, "ismrmrd", p, extra)
