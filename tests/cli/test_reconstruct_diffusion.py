@@ -224,6 +224,25 @@ def test_precision_is_recorded_resolved_and_a_bad_one_refused(cli, prior, volume
     assert r.exit_code == 2 and "--precision" in r.output and not (tmp_path / "c.npy").exists()
 
 
+def test_fit_and_tau_reach_the_engine_and_bad_ones_are_refused(cli, prior, volume, tmp_path):
+    """--fit noise (the fast preset's) fits a retrospective study down to its recorded noise; --fit steps
+    runs the fixed CG steps; --cg-iter under --fit noise is said to be ignored; bad values are usage errors."""
+    base = ["reconstruct", volume, "--task", "sparse-view", "--views", "16", "--prior", prior, "--method", "dds",
+            "--steps", "2", "--json", "--noise", "gaussian", "--sigma", "0.01"]
+    r = cli([*base, "--tau", "0.9", "-o", tmp_path / "n.npy"])
+    assert r.exit_code == 0, r.output
+    fit = json.loads(r.stdout)["engine"]["data_fit"]
+    assert fit == {"fit": "noise", "dc": "cg", "noise": "gaussian", "tau": 0.9, "cg_steps": 50}
+    r = cli([*base, "--fit", "steps", "-o", tmp_path / "s.npy"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["engine"]["data_fit"]["fit"] == "steps"
+    r = cli([*base, "--cg-iter", "9", "-o", tmp_path / "c.npy"])
+    assert r.exit_code == 0 and any("--cg-iter is ignored" in w for w in json.loads(r.stdout)["warnings"]), r.output
+    for bad in (["--fit", "exact"], ["--tau", "0"]):
+        r = cli([*base, *bad, "-o", tmp_path / "x.npy"])
+        assert r.exit_code == 2 and bad[0] in r.output and not (tmp_path / "x.npy").exists(), r.output
+
+
 def test_lam_reaches_d3ip_mbir_and_is_refused_by_classical_methods(cli, prior, volume, tmp_path):
     base = ["reconstruct", volume, "--task", "sparse-view", "--views", "16", "--prior", prior, "--steps", "2",
             "--adapt-iters", "1", "--json"]
