@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     for text in args.variant:
         name, method, overrides = parse_variant(text)
         n_samples = int(overrides.pop("samples", 1))
-        s = diffusion.settings_for(method, args.preset, modality, **overrides)
+        s = diffusion.settings_for(method, args.preset, modality, args.task, **overrides)
         t0 = time.perf_counter()
         images = []
         for k in range(n_samples):

@@ -308,6 +308,11 @@ def test_adapter_options_are_checked_before_any_work(cli, prior, volume, tmp_pat
     assert r.exit_code == 0 and "was adapted on --task sparse-view data; this run is --task cs-mri" in r.stderr, r.output
     said = r.stderr.index("was adapted on --task")  # said once, before the sampling steps, not after the run
     assert r.stderr.count("was adapted on --task") == 1 and said < r.stderr.index("2/2"), r.stderr
+    # the fast preset's sparse-view adapter (rank 16) serves MRI, whose preset rank is 4: the adapter's rank wins
+    assert json.loads((tmp_path / "o3m.npy.json").read_text())["engine"]["settings"]["lora_rank"] == 16
+    r = cli([*mri, "--adapter", tmp_path / "no" / "dir" / "a.safetensors", "--lora-rank", "4", "-o", tmp_path / "o3r.npy"])
+    assert r.exit_code == 3 and "adapter tensor" in r.stderr and "has shape" in r.stderr, r.output
+    assert not (tmp_path / "o3r.npy").exists()
     before = saved.read_bytes() if (saved := tmp_path / "no" / "dir" / "a.safetensors").exists() else None
     r = cli([*base, "--adapter", saved, "--save-adapter", saved, "--overwrite", "-o", tmp_path / "o3c.npy"])
     assert r.exit_code == 4 and "would replace the input" in r.stderr, r.output  # the adapter read is an input

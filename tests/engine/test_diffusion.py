@@ -162,9 +162,16 @@ def test_precision_is_checked():
 
 
 def test_presets_resolve_per_modality_and_explicit_options_win():
-    assert settings_for("d3ip", "fast", "CT").adapt_iters == 10
+    ct = settings_for("d3ip", "fast", "CT", "limited-angle")
+    assert (ct.adapt_iters, ct.lora_rank) == (10, 4)
+    sparse = settings_for("d3ip", "fast", "CT", "sparse-view")  # the task's own budget
+    assert (sparse.adapt_iters, sparse.lora_rank) == (15, 16)
+    assert settings_for("d3ip", "fast", "CT", "sparse-view", lora_rank=8).lora_rank == 8
+    assert settings_for("d3ip", "standard", "CT", "sparse-view").lora_rank == 4
     mr = settings_for("d3ip", "fast", "MR")
-    assert (mr.adapt_iters, mr.dc, mr.adapt_cg, mr.gamma) == (3, "prox", 0, 10.0)
+    assert (mr.adapt_iters, mr.dc, mr.adapt_cg, mr.gamma, mr.lora_rank) == (3, "prox", 0, 10.0, 4)
+    standard = settings_for("d3ip", "standard", "CT")
+    assert (standard.adapt_iters, standard.lora_rank) == (10, 4)  # the paper's
     assert settings_for("d3ip", "standard", "MR").adapt_iters == 10
     assert settings_for("d3ip", "fast", "MR", adapt_iters=7).adapt_iters == 7
     assert settings_for("dds", "fast", "CT").adapt_iters == 0

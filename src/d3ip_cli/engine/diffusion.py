@@ -113,7 +113,8 @@ class DiffusionSettings:
 
 PRESETS: dict[str, dict[str, Any]] = {
     # a CPU user's settings: few steps on a truncated trajectory (t_start 60 for CT, 250 for MRI), short
-    # adaptation (K = 10 for CT, 3 for MRI) at a higher rate (3e-3): see PRESET_MODALITY; data consistency
+    # adaptation (K = 10 for CT, 15 with rank-16 adapters for sparse-view, 3 for MRI) at a higher rate (3e-3):
+    # see PRESET_MODALITY and PRESET_TASK; data consistency
     # fits down to the data's recorded noise (fit = noise, tau = 0.7; where the noise is unknown the
     # modality's fixed steps). Chosen on volumes outside the benchmarks (docs/engine_study.md §14: phantoms
     # 107 and 108, Colin27 96:104 and 60:68) over noise levels: against the fixed steps dds gained on 30-view
@@ -163,8 +164,20 @@ MODALITY_DEFAULTS: dict[str, dict[str, Any]] = {
 # t >= 20 adapt (13 of 20 for CT), so the preset takes AdamW's rate from 1e-3 to 3e-3: on Colin27
 # d3ip +1.18 dB (30-view CT; 1e-2 gave +0.72), +0.79 dB (cs-mri x4), +0.13 dB (90-degree arc), and
 # -0.20 dB on the held-out phantom (docs/study/lr_*.csv).
+
 PRESET_MODALITY: dict[tuple[str, str], dict[str, Any]] = {
     ("fast", "MR"): {"adapt_iters": 3, "t_start": 250},
+}
+
+# A preset's settings for one task, where the tasks of a modality want different ones. The fast
+# preset's shared adapter on sparse-view CT: rank 16 and K = 15 (from rank 4, K = 10; session 17,
+# docs/engine_study.md §15, chosen on volumes outside the benchmarks): d3ip +0.95 / +0.32 dB on the
+# held-out phantoms 107 / 108 (16 slices of 128², 30 views) and +0.93 / +0.48 dB on Colin27 96:104 /
+# 60:68, for about +30 s. On the 90-degree arc every larger budget lost or tied (rank 16 and K = 15
+# there: -0.82 dB on phantom 107, -0.55 / -0.85 dB on Colin27 60:68 / 96:104), so limited-angle
+# keeps rank 4 and K = 10.
+PRESET_TASK: dict[tuple[str, str], dict[str, Any]] = {
+    ("fast", "sparse-view"): {"adapt_iters": 15, "lora_rank": 16},
 }
 
 METHOD_OVERRIDES: dict[str, dict[str, Any]] = {
@@ -173,8 +186,11 @@ METHOD_OVERRIDES: dict[str, dict[str, Any]] = {
 }
 
 
-def settings_for(method: str, preset: str = "fast", task_modality: str = "CT", **overrides: Any) -> DiffusionSettings:
-    """Resolve preset -> modality defaults -> preset-per-modality -> method defaults -> explicit overrides."""
+def settings_for(method: str, preset: str = "fast", task_modality: str = "CT", task: str | None = None,
+                 **overrides: Any) -> DiffusionSettings:
+    """Resolve preset -> modality defaults -> preset-per-modality -> preset-per-task -> method defaults
+    -> explicit overrides (``task``: ``sparse-view``, ``limited-angle``, ``cs-mri``; ``None`` skips
+    the per-task step)."""
     if preset not in PRESETS:
         raise UsageError(f"--preset {preset!r}: expected one of {', '.join(PRESETS)}")
     if method not in DIFFUSION_METHODS:
@@ -182,6 +198,7 @@ def settings_for(method: str, preset: str = "fast", task_modality: str = "CT", *
     values: dict[str, Any] = dict(PRESETS[preset])
     values.update(MODALITY_DEFAULTS.get(task_modality, {}))
     values.update(PRESET_MODALITY.get((preset, task_modality), {}))
+    values.update(PRESET_TASK.get((preset, task or ""), {}))
     values.update(METHOD_OVERRIDES.get(method, {}))
     given = {k: v for k, v in overrides.items() if v is not None}
     values.update(given)
@@ -702,7 +719,7 @@ def run_registered(name: str, op: LinearOperator, y: torch.Tensor, x_init: torch
     check_prior_serves(meta, tuple(op.in_shape), x_init.is_complex())
     modality = "MR" if getattr(op, "complex_input", False) else "CT"
     overrides = {k: v for k, v in ctx.params.items() if k in SETTING_FIELDS}
-    s = settings_for(name, ctx.preset or "fast", modality, **overrides)
+    s = settings_for(name, ctx.preset or "fast", modality, ctx.task, **overrides)
     s.precision = resolve_precision(s.precision, dev)  # the record and the checkpoint key name what ran
     rank, world_size = dist.world()
     z, h, w = op.in_shape
@@ -716,6 +733,9 @@ def run_registered(name: str, op: LinearOperator, y: torch.Tensor, x_init: torch
     adapter = None
     if ctx.params.get("adapter"):
         adapter, adapter_meta = lora.read_adapter(ctx.params["adapter"], meta)
+        for key, field in (("rank", "lora_rank"), ("train_bias", "train_bias")):  # the adapter's shape wins
+            if field not in overrides and adapter_meta.get(key) is not None:  # over the preset's
+                setattr(s, field, type(getattr(s, field))(adapter_meta[key]))
         made_for = adapter_meta.get("task")
         if made_for and made_for != ctx.task and ctx.record is not None:
             ctx.record.warn(f"--adapter {ctx.params['adapter']} was adapted on --task {made_for} data; this run is "
