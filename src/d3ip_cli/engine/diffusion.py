@@ -164,7 +164,6 @@ MODALITY_DEFAULTS: dict[str, dict[str, Any]] = {
 # t >= 20 adapt (13 of 20 for CT), so the preset takes AdamW's rate from 1e-3 to 3e-3: on Colin27
 # d3ip +1.18 dB (30-view CT; 1e-2 gave +0.72), +0.79 dB (cs-mri x4), +0.13 dB (90-degree arc), and
 # -0.20 dB on the held-out phantom (docs/study/lr_*.csv).
-
 PRESET_MODALITY: dict[tuple[str, str], dict[str, Any]] = {
     ("fast", "MR"): {"adapt_iters": 3, "t_start": 250},
 }
@@ -719,7 +718,14 @@ def run_registered(name: str, op: LinearOperator, y: torch.Tensor, x_init: torch
     check_prior_serves(meta, tuple(op.in_shape), x_init.is_complex())
     modality = "MR" if getattr(op, "complex_input", False) else "CT"
     overrides = {k: v for k, v in ctx.params.items() if k in SETTING_FIELDS}
-    s = settings_for(name, ctx.preset or "fast", modality, ctx.task, **overrides)
+    adapter, adapter_meta = None, {}
+    if ctx.params.get("adapter"):
+        adapter, adapter_meta = lora.read_adapter(ctx.params["adapter"], meta)
+    # a reused adapter brings its shape (rank, bias training): above the preset, below explicit options
+    shape = {f: adapter_meta[k] for k, f in (("rank", "lora_rank"), ("train_bias", "train_bias"))
+             if adapter_meta.get(k) is not None}
+    given = {k: v for k, v in overrides.items() if v is not None}
+    s = settings_for(name, ctx.preset or "fast", modality, ctx.task, **{**shape, **given})
     s.precision = resolve_precision(s.precision, dev)  # the record and the checkpoint key name what ran
     rank, world_size = dist.world()
     z, h, w = op.in_shape
@@ -730,12 +736,7 @@ def run_registered(name: str, op: LinearOperator, y: torch.Tensor, x_init: torch
               ranks=world_size)
     if "chunk" not in overrides:
         s.chunk = mp.chunk
-    adapter = None
-    if ctx.params.get("adapter"):
-        adapter, adapter_meta = lora.read_adapter(ctx.params["adapter"], meta)
-        for key, field in (("rank", "lora_rank"), ("train_bias", "train_bias")):  # the adapter's shape wins
-            if field not in overrides and adapter_meta.get(key) is not None:  # over the preset's
-                setattr(s, field, type(getattr(s, field))(adapter_meta[key]))
+    if adapter is not None:
         made_for = adapter_meta.get("task")
         if made_for and made_for != ctx.task and ctx.record is not None:
             ctx.record.warn(f"--adapter {ctx.params['adapter']} was adapted on --task {made_for} data; this run is "
