@@ -243,6 +243,29 @@ def test_fit_and_tau_reach_the_engine_and_bad_ones_are_refused(cli, prior, volum
         assert r.exit_code == 2 and bad[0] in r.output and not (tmp_path / "x.npy").exists(), r.output
 
 
+def test_mbir_start_reaches_d3ip_mbir_and_bad_values_are_refused(cli, prior, volume, tmp_path):
+    """--mbir-start fit: d3ip-mbir's ADMM step starts from x̂0 fitted down to the recorded noise (the run
+    record says the data were fitted to the noise); the sparse-view preset keeps x0; other methods say
+    the option is unused; a bad value is a usage error with no output."""
+    base = ["reconstruct", volume, "--task", "sparse-view", "--views", "16", "--prior", prior, "--steps", "2",
+            "--adapt-iters", "1", "--json"]
+    r = cli([*base, "--method", "d3ip-mbir", "-o", tmp_path / "x0.npy"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert doc["engine"]["settings"]["mbir_start"] == "x0" and doc["engine"]["data_fit"]["fit"] == "steps"
+    r = cli([*base, "--method", "d3ip-mbir", "--mbir-start", "fit", "-o", tmp_path / "fit.npy"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert doc["engine"]["settings"]["mbir_start"] == "fit"
+    assert doc["engine"]["data_fit"] == {"fit": "noise", "dc": "admm-tv-z", "noise": "none", "tau": 0.7, "cg_steps": 50}
+    r = cli([*base, "--method", "d3ip", "--mbir-start", "fit", "-o", tmp_path / "d.npy"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["warnings"] == ["--mbir-start is ignored: it sets where d3ip-mbir's ADMM step starts, "
+                                                "and d3ip here runs cg"]
+    r = cli([*base, "--method", "d3ip-mbir", "--mbir-start", "middle", "-o", tmp_path / "b.npy"])
+    assert r.exit_code == 2 and "--mbir-start" in r.output and not (tmp_path / "b.npy").exists(), r.output
+
+
 def test_lam_reaches_d3ip_mbir_and_is_refused_by_classical_methods(cli, prior, volume, tmp_path):
     base = ["reconstruct", volume, "--task", "sparse-view", "--views", "16", "--prior", prior, "--steps", "2",
             "--adapt-iters", "1", "--json"]

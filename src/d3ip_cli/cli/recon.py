@@ -99,6 +99,7 @@ def register(app: typer.Typer) -> None:
         tau: Annotated[Optional[float], typer.Option("--tau", help="--fit noise: leave tau² of the fittable noise energy in the residual (default 0.7; 1 = the discrepancy principle).", rich_help_panel="Diffusion engine")] = None,
         gamma: Annotated[Optional[float], typer.Option("--gamma", help="Data consistency: proximal weight γ (MRI).", rich_help_panel="Diffusion engine")] = None,
         lam: Annotated[Optional[float], typer.Option("--lam", help="d3ip-mbir: weight λ of total variation along z in its ADMM data consistency (default 0.03 for CT, 0.003 for MRI).", rich_help_panel="Diffusion engine")] = None,
+        mbir_start: Annotated[Optional[str], typer.Option("--mbir-start", help="d3ip-mbir: start its ADMM step from x0 (the prior's estimate x̂0, as DiffusionMBIR) or fit (x̂0 first fitted down to the data's noise; needs --fit noise and data that record their noise; preset: fast fit for limited-angle, x0 otherwise).", rich_help_panel="Diffusion engine")] = None,
         precision: Annotated[Optional[str], typer.Option("--precision", help="Diffusion: network arithmetic, fp32, bf16 or auto (bf16 where the device computes it natively; preset: fast auto, standard/paper fp32).", rich_help_panel="Diffusion engine")] = None,
         checkpoint_every: Annotated[Optional[int], typer.Option("--checkpoint-every", help="Checkpoint every N sampling steps (default 5).", rich_help_panel="Diffusion engine")] = None,
         adapter: Annotated[Optional[str], typer.Option("--adapter", help="Start from a saved adapter (.safetensors).", rich_help_panel="Diffusion engine")] = None,
@@ -134,7 +135,7 @@ def register(app: typer.Typer) -> None:
             coils=coils, backend=backend, slices=slices, grid=grid, noise=noise, i0=i0, sigma=sigma, method=method,
             prior=prior, preset=preset, seed=seed, samples=samples, weight=weight, weight_z=weight_z, filter=fbp_filter, format=format, series=series,
             frame=frame, checkpoint_dir=checkpoint_dir, resume=resume, steps=steps, t_start=t_start, eta=eta, adapt_iters=adapt_iters,
-            adapt_batch=adapt_batch, lr=lr, lora_rank=lora_rank, train_bias=train_bias, cg_iter=cg_iter, fit=fit, tau=tau, gamma=gamma, lam=lam,
+            adapt_batch=adapt_batch, lr=lr, lora_rank=lora_rank, train_bias=train_bias, cg_iter=cg_iter, fit=fit, tau=tau, gamma=gamma, lam=lam, mbir_start=mbir_start,
             checkpoint_every=checkpoint_every, adapter=adapter, save_adapter=save_adapter, precision=precision)
         from d3ip_cli.engine import distributed
 

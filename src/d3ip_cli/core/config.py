@@ -143,13 +143,14 @@ class ReconConfig(TaskOptions, NoiseOptions):
     tau: Optional[float] = Field(None, gt=0)
     gamma: Optional[float] = Field(None, gt=0)
     lam: Optional[float] = Field(None, ge=0)
+    mbir_start: Optional[Literal["x0", "fit"]] = None
     checkpoint_every: Optional[int] = Field(None, ge=1)
     adapter: Optional[str] = None
     save_adapter: Optional[str] = None
     precision: Optional[Literal["fp32", "bf16", "auto"]] = None
 
     ENGINE_FIELDS: ClassVar[tuple[str, ...]] = ("steps", "t_start", "eta", "adapt_iters", "adapt_batch", "lr", "lora_rank",
-                                                "train_bias", "cg_iter", "fit", "tau", "gamma", "lam", "checkpoint_every", "adapter",
+                                                "train_bias", "cg_iter", "fit", "tau", "gamma", "lam", "mbir_start", "checkpoint_every", "adapter",
                                                 "save_adapter", "precision")
 
     @field_validator("slices")
