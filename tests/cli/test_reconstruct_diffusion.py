@@ -258,6 +258,11 @@ def test_mbir_start_reaches_d3ip_mbir_and_bad_values_are_refused(cli, prior, vol
     doc = json.loads(r.stdout)
     assert doc["engine"]["settings"]["mbir_start"] == "fit"
     assert doc["engine"]["data_fit"] == {"fit": "noise", "dc": "admm-tv-z", "noise": "none", "tau": 0.7, "cg_steps": 50}
+    r = cli([*base, "--method", "d3ip-mbir", "--mbir-start", "fit", "--fit", "steps", "-o", tmp_path / "s.npy"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert doc["engine"]["data_fit"]["fit"] == "steps"
+    assert doc["warnings"] == ["--mbir-start fit needs --fit noise: the ADMM step starts from the prior's estimate"]
     r = cli([*base, "--method", "d3ip", "--mbir-start", "fit", "-o", tmp_path / "d.npy"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["warnings"] == ["--mbir-start is ignored: it sets where d3ip-mbir's ADMM step starts, "

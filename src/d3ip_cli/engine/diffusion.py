@@ -307,11 +307,12 @@ def make_dc(op: LinearOperator, y: torch.Tensor, smap: StateMap, s: DiffusionSet
     if fits_noise(s, noise):
         unknowns = int(op.in_shape[-1]) * int(op.in_shape[-2])
         fit = consistency.discrepancy_dc(op, y, noise.target(unknowns, s.tau), s.cg_max)
+        img_dc = fit
         if s.dc == "admm-tv-z":  # fit each slice down to its noise, then couple the slices from there
             couple = consistency.admm_tv_z_dc(op, y, rho=s.rho, lam=s.lam, n_admm=s.admm_iter, n_cg=s.admm_cg_iter)
-            img_dc = lambda x: couple(fit(x))  # noqa: E731
-        else:
-            img_dc = fit
+
+            def img_dc(x: torch.Tensor) -> torch.Tensor:
+                return couple(fit(x))
     elif s.dc == "cg":
         img_dc = consistency.cg_dc(op, y, s.cg_iter)
     elif s.dc == "prox":
@@ -775,6 +776,8 @@ def run_registered(name: str, op: LinearOperator, y: torch.Tensor, x_init: torch
                      f"a fixed {s.cg_iter} {'CG' if s.dc == 'cg' else 'proximal CG'} steps")
             ctx.record.warn(f"the data do not record their noise level, so data consistency runs {fixed} instead of "
                             "fitting down to the noise")
+        if overrides.get("mbir_start") == "fit" and s.dc == "admm-tv-z" and s.fit != "noise":
+            ctx.record.warn("--mbir-start fit needs --fit noise: the ADMM step starts from the prior's estimate")
         for key, opt in (("cg_iter", "--cg-iter"), ("gamma", "--gamma")):
             if fits and s.dc in ("cg", "prox") and overrides.get(key) is not None:
                 ctx.record.warn(f"{opt} is ignored: data consistency fits down to the recorded noise level "
