@@ -169,7 +169,7 @@ def test_presets_resolve_per_modality_and_explicit_options_win():
     assert settings_for("d3ip", "fast", "CT", "sparse-view", lora_rank=8).lora_rank == 8
     assert settings_for("d3ip", "standard", "CT", "sparse-view").lora_rank == 4
     mr = settings_for("d3ip", "fast", "MR")
-    assert (mr.adapt_iters, mr.dc, mr.adapt_cg, mr.gamma, mr.lora_rank) == (3, "prox", 0, 10.0, 4)
+    assert (mr.adapt_iters, mr.dc, mr.adapt_cg, mr.gamma, mr.lora_rank) == (6, "prox", 0, 10.0, 16)
     standard = settings_for("d3ip", "standard", "CT")
     assert (standard.adapt_iters, standard.lora_rank) == (10, 4)  # the paper's
     assert settings_for("d3ip", "standard", "MR").adapt_iters == 10
