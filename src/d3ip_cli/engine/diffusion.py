@@ -153,8 +153,9 @@ MODALITY_DEFAULTS: dict[str, dict[str, Any]] = {
 
 # A preset's settings for one modality. On Colin27 (8 slices of 128², not the benchmark's example;
 # docs/engine_study.md §5), K = 3 -> 6 adds +0.4 dB to d3ip on 30-view CT but +0.08 dB on
-# cs-mri x4, where each slice is two images (real, imaginary) and K = 6 would take 8 slices
-# to an estimated 110-116 s, too close to the fast preset's two minutes for 0.08 dB.
+# cs-mri x4, where each slice is two images (real, imaginary) and K = 6 would then have taken 8
+# slices to an estimated 110-116 s, too close to the fast preset's two minutes for 0.08 dB (the
+# whole trajectory, fixed CG steps; with today's low start and exact fit it gains more, below).
 # With the low start below, CT's K went 6 -> 10 (session 10, §10): +0.71 / -0.05 dB on two
 # held-out phantoms and +0.28 / +0.21 dB on two Colin27 slabs (30-view CT), mean +0.29 dB.
 #
