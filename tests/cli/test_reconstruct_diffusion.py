@@ -252,12 +252,19 @@ def test_mbir_start_reaches_d3ip_mbir_and_bad_values_are_refused(cli, prior, vol
     r = cli([*base, "--method", "d3ip-mbir", "-o", tmp_path / "x0.npy"])
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
-    assert doc["engine"]["settings"]["mbir_start"] == "x0" and doc["engine"]["data_fit"]["fit"] == "steps"
+    assert doc["engine"]["settings"]["mbir_start"] == "x0"
+    assert doc["engine"]["data_fit"] == {"fit": "steps", "dc": "admm-tv-z", "noise": "none", "tau": None, "cg_steps": None,
+                                         "admm_steps": [5, 5]}
     r = cli([*base, "--method", "d3ip-mbir", "--mbir-start", "fit", "-o", tmp_path / "fit.npy"])
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
     assert doc["engine"]["settings"]["mbir_start"] == "fit"
-    assert doc["engine"]["data_fit"] == {"fit": "noise", "dc": "admm-tv-z", "noise": "none", "tau": 0.7, "cg_steps": 50}
+    assert doc["engine"]["data_fit"] == {"fit": "noise", "dc": "admm-tv-z", "noise": "none", "tau": 0.7, "cg_steps": 50,
+                                         "admm_steps": [5, 5]}
+    r = cli([*base, "--method", "d3ip-mbir", "--mbir-start", "fit", "--gamma", "5", "-o", tmp_path / "g.npy"])
+    assert r.exit_code == 0, r.output  # the noise fit does not use gamma either: said, as without it
+    assert json.loads(r.stdout)["warnings"] == ["--gamma is ignored: it weights the proximal data consistency (MRI), "
+                                                "and d3ip-mbir here runs admm-tv-z"]
     r = cli([*base, "--method", "d3ip-mbir", "--mbir-start", "fit", "--fit", "steps", "-o", tmp_path / "s.npy"])
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
@@ -336,8 +343,12 @@ def test_adapter_options_are_checked_before_any_work(cli, prior, volume, tmp_pat
     assert r.exit_code == 0 and "was adapted on --task sparse-view data; this run is --task cs-mri" in r.stderr, r.output
     said = r.stderr.index("was adapted on --task")  # said once, before the sampling steps, not after the run
     assert r.stderr.count("was adapted on --task") == 1 and said < r.stderr.index("2/2"), r.stderr
-    # the fast preset's sparse-view adapter (rank 16) serves MRI, whose preset rank is 4: the adapter's rank wins
     assert json.loads((tmp_path / "o3m.npy.json").read_text())["engine"]["settings"]["lora_rank"] == 16
+    # the fast preset's sparse-view adapter (rank 16) on limited-angle, whose preset rank is 4: the adapter's rank wins
+    la = ["reconstruct", volume, "--task", "limited-angle", "--prior", prior, "--steps", "2", "--adapt-iters", "1"]
+    r = cli([*la, "--adapter", tmp_path / "no" / "dir" / "a.safetensors", "-o", tmp_path / "o3l.npy"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "o3l.npy.json").read_text())["engine"]["settings"]["lora_rank"] == 16
     r = cli([*mri, "--adapter", tmp_path / "no" / "dir" / "a.safetensors", "--lora-rank", "4", "-o", tmp_path / "o3r.npy"])
     assert r.exit_code == 3 and "adapter tensor" in r.stderr and "has shape" in r.stderr, r.output
     assert not (tmp_path / "o3r.npy").exists()

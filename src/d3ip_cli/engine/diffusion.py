@@ -797,7 +797,7 @@ def run_registered(name: str, op: LinearOperator, y: torch.Tensor, x_init: torch
                   "gamma": ("--gamma", "prox", "weights the proximal data consistency (MRI)"),
                   "mbir_start": ("--mbir-start", "admm-tv-z", "sets where d3ip-mbir's ADMM step starts")}
         for key, (opt, dc, what) in unused.items():
-            if overrides.get(key) is not None and s.dc != dc and not (key == "gamma" and fits):
+            if overrides.get(key) is not None and s.dc != dc and not (key == "gamma" and fits and s.dc in ("cg", "prox")):
                 ctx.record.warn(f"{opt} is ignored: it {what}, and {name} here runs {s.dc}")
         if world_size > 1 and name == "d3ip-mbir":
             ctx.record.warn(f"d3ip-mbir under torchrun: TV along z couples slices within each of the {world_size} "
@@ -856,10 +856,7 @@ def run_registered(name: str, op: LinearOperator, y: torch.Tensor, x_init: torch
                                     "images_seen_total": meta.get("images_seen_total", meta.get("images_seen"))}
         ctx.record["engine"] = {"preset": ctx.preset or "fast", "settings": s.to_dict(), "memory": mp.to_dict(), "stats": last.stats if last else {},
                                 "samples": len(images), "world_size": world_size,
-                                "data_fit": {"fit": "noise" if fits else "steps", "dc": s.dc,
-                                             "noise": (ctx.noise or {}).get("model", "unknown"),
-                                             "tau": s.tau if fits else None,
-                                             "cg_steps": s.cg_max if fits else s.cg_iter}}
+                                "data_fit": _data_fit_record(s, fits, ctx.noise)}
         if dev.type == "cuda":
             ctx.record["peak_device_memory_mb"] = round(torch.cuda.max_memory_allocated(dev) / 2**20, 1)
         ctx.record["model_evaluations"] = (last.stats.get("nfe_sample", 0) + last.stats.get("nfe_adapt", 0)) if last else 0
@@ -878,6 +875,17 @@ def run_registered(name: str, op: LinearOperator, y: torch.Tensor, x_init: torch
     ctx.extras["std"] = stack.std(0, unbiased=True)
     mean = torch.stack(images, 0).mean(0)
     return mean
+
+
+def _data_fit_record(s: DiffusionSettings, fits: bool, noise: dict | None) -> dict[str, Any]:
+    """What the data consistency ran, for the run record: fitted to the noise (at most ``cg_max`` CG
+    steps) or fixed steps; for ``admm-tv-z`` also its ADMM x CG steps (after the fit, or alone)."""
+    admm = s.dc == "admm-tv-z"
+    out = {"fit": "noise" if fits else "steps", "dc": s.dc, "noise": (noise or {}).get("model", "unknown"),
+           "tau": s.tau if fits else None, "cg_steps": s.cg_max if fits else (None if admm else s.cg_iter)}
+    if admm:
+        out["admm_steps"] = [s.admm_iter, s.admm_cg_iter]
+    return out
 
 
 def _file_sha256(path: str | None) -> str | None:
