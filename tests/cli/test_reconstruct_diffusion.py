@@ -236,6 +236,8 @@ def test_fit_and_tau_reach_the_engine_and_bad_ones_are_refused(cli, prior, volum
     r = cli([*base, "--fit", "steps", "-o", tmp_path / "s.npy"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["engine"]["data_fit"]["fit"] == "steps"
+    r = cli([*base, "--fit", "steps", "--tau", "0.9", "-o", tmp_path / "t.npy"])
+    assert r.exit_code == 0 and any("--tau is ignored" in w for w in json.loads(r.stdout)["warnings"]), r.output
     r = cli([*base, "--cg-iter", "9", "-o", tmp_path / "c.npy"])
     assert r.exit_code == 0 and any("--cg-iter is ignored" in w for w in json.loads(r.stdout)["warnings"]), r.output
     for bad in (["--fit", "exact"], ["--tau", "0"]):
@@ -270,6 +272,10 @@ def test_mbir_start_reaches_d3ip_mbir_and_bad_values_are_refused(cli, prior, vol
     doc = json.loads(r.stdout)
     assert doc["engine"]["data_fit"]["fit"] == "steps"
     assert doc["warnings"] == ["--mbir-start fit needs --fit noise: the ADMM step starts from the prior's estimate"]
+    r = cli([*base, "--method", "d3ip-mbir", "--cg-iter", "7", "-o", tmp_path / "c.npy"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["warnings"] == ["--cg-iter is ignored: d3ip-mbir's data consistency is its ADMM step "
+                                                "(5 x 5 CG steps)"]
     r = cli([*base, "--method", "d3ip", "--mbir-start", "fit", "-o", tmp_path / "d.npy"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["warnings"] == ["--mbir-start is ignored: it sets where d3ip-mbir's ADMM step starts, "

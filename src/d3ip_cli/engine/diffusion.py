@@ -782,6 +782,12 @@ def run_registered(name: str, op: LinearOperator, y: torch.Tensor, x_init: torch
                      f"a fixed {s.cg_iter} {'CG' if s.dc == 'cg' else 'proximal CG'} steps")
             ctx.record.warn(f"the data do not record their noise level, so data consistency runs {fixed} instead of "
                             "fitting down to the noise")
+        if overrides.get("tau") is not None and not fits:
+            ctx.record.warn("--tau is ignored: data consistency runs fixed steps here (--fit steps, data that do not "
+                            "record their noise, or d3ip-mbir's ADMM step from x̂0)")
+        if overrides.get("cg_iter") is not None and s.dc == "admm-tv-z":
+            ctx.record.warn(f"--cg-iter is ignored: {name}'s data consistency is its ADMM step "
+                            f"({s.admm_iter} x {s.admm_cg_iter} CG steps)")
         if overrides.get("mbir_start") == "fit" and s.dc == "admm-tv-z" and s.fit != "noise":
             ctx.record.warn("--mbir-start fit needs --fit noise: the ADMM step starts from the prior's estimate")
         for key, opt in (("cg_iter", "--cg-iter"), ("gamma", "--gamma")):
