@@ -310,21 +310,21 @@ def make_dc(op: LinearOperator, y: torch.Tensor, smap: StateMap, s: DiffusionSet
     stopped at ``noise.target(H·W, tau)``; with ``mbir_start = "fit"`` the ADMM-TV-z step starts from
     that fit.
     """
+    stages: list[Callable[[torch.Tensor], torch.Tensor]] = []  # each slice's fit, then the coupling of slices
     if fits_noise(s, noise):
         unknowns = int(op.in_shape[-1]) * int(op.in_shape[-2])
-        fit = consistency.discrepancy_dc(op, y, noise.target(unknowns, s.tau), s.cg_max)
-        img_dc = fit
-        if s.dc == "admm-tv-z":  # fit each slice down to its noise, then couple the slices from there
-            couple = consistency.admm_tv_z_dc(op, y, rho=s.rho, lam=s.lam, n_admm=s.admm_iter, n_cg=s.admm_cg_iter)
-
-            def img_dc(x: torch.Tensor) -> torch.Tensor:
-                return couple(fit(x))
+        stages.append(consistency.discrepancy_dc(op, y, noise.target(unknowns, s.tau), s.cg_max))
     elif s.dc == "cg":
-        img_dc = consistency.cg_dc(op, y, s.cg_iter)
+        stages.append(consistency.cg_dc(op, y, s.cg_iter))
     elif s.dc == "prox":
-        img_dc = consistency.prox_dc(op, y, s.gamma, s.cg_iter)
-    else:
-        img_dc = consistency.admm_tv_z_dc(op, y, rho=s.rho, lam=s.lam, n_admm=s.admm_iter, n_cg=s.admm_cg_iter)
+        stages.append(consistency.prox_dc(op, y, s.gamma, s.cg_iter))
+    if s.dc == "admm-tv-z":
+        stages.append(consistency.admm_tv_z_dc(op, y, rho=s.rho, lam=s.lam, n_admm=s.admm_iter, n_cg=s.admm_cg_iter))
+
+    def img_dc(x: torch.Tensor) -> torch.Tensor:
+        for stage in stages:
+            x = stage(x)
+        return x
 
     def dc(x0: torch.Tensor, t: int) -> torch.Tensor:
         if s.clip is not None:  # a poor ε̂ at large t can make x̂0 explode; keep it in a sane range
