@@ -86,8 +86,9 @@ def parse_variant(text: str) -> tuple[str, str, dict]:
     return name, method or name, overrides
 
 
-def trajectory(model: torch.nn.Module, problem, x_init: torch.Tensor, s, seed: int) -> None:
-    """PSNR (normalised units) of x̂0 and x̃0 = dc(x̂0) at every step of one dds run."""
+def trajectory(model: torch.nn.Module, problem, x_init: torch.Tensor, s, seed: int, level=None) -> None:
+    """PSNR (normalised units) of x̂0 and x̃0 = dc(x̂0) at every step of one dds run (``level``: the
+    data's noise level, which ``fit = noise`` reads, as in the run itself)."""
     from d3ip_cli.engine.samplers import ddim_sample, diffuse
     from d3ip_cli.prior import schedule
 
@@ -109,7 +110,7 @@ def trajectory(model: torch.nn.Module, problem, x_init: torch.Tensor, s, seed: i
         print(f"    t={info['t']:4d}  x0_hat {psnr(info['x0']):6.2f} dB  x0_dc {psnr(info['x0_dc']):6.2f} dB", flush=True)
 
     ddim_sample(diffusion.make_eps_model(model, s.chunk), x, ts, abar, eta=s.eta,
-                dc=diffusion.make_dc(problem.op, problem.y, smap, s), generator=gen, callback=show)
+                dc=diffusion.make_dc(problem.op, problem.y, smap, s, level), generator=gen, callback=show)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -212,18 +213,16 @@ def main(argv: list[str] | None = None) -> int:
         n_samples = int(overrides.pop("samples", 1))
         s = diffusion.settings_for(method, args.preset, modality, args.task, **overrides)
         t0 = time.perf_counter()
-        images = []
-        for k in range(n_samples):
-            gen = torch.Generator().manual_seed((args.seed if args.sampler_seed is None else args.sampler_seed) + k)
-            images.append(diffusion.reconstruct(method, model, problem.op, problem.y, x_init, s, generator=gen,
-                                                noise=level).image)
+        gen = torch.Generator().manual_seed(args.seed if args.sampler_seed is None else args.sampler_seed)
+        image = diffusion.reconstruct(method, model, problem.op, problem.y, x_init, s, generator=gen,
+                                      noise=level, chains=n_samples).image  # samples drawn together
         desc = f"{method} " + ",".join(f"{k}={v}" for k, v in overrides.items())
         if args.sampler_seed is not None:
             desc += f" sampler_seed={args.sampler_seed}"
-        report(name, torch.stack(images).mean(0), time.perf_counter() - t0,
+        report(name, image, time.perf_counter() - t0,
                desc + (f" mean of {n_samples} samples" if n_samples > 1 else ""))
         if args.trajectory and method == "dds":
-            trajectory(model, problem, x_init, s, args.seed)
+            trajectory(model, problem, x_init, s, args.seed, level)
 
     if args.csv:
         append_csv(args.csv, rows)

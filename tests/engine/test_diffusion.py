@@ -300,3 +300,41 @@ def test_mbir_noise_fit_runs_the_admm_step_from_the_fitted_estimate(ct_case):
         return float(((op.A(img) - y) ** 2).sum())
 
     assert residual(fitted) < 0.7 * residual(alone)  # about half on this case
+
+
+def test_admm_tv_z_step_does_not_couple_stacked_samples(ct_case):
+    """With the chains of --samples stacked along z, d3ip-mbir's TV along z (and CG's step sizes, also in
+    the fixed CG and proximal steps) act within each copy of the volume: two stacked copies give what
+    each gives alone."""
+    from d3ip_cli.engine import consistency
+
+    x, op, y, x0 = ct_case
+    z = x.shape[0]
+    alone = consistency.admm_tv_z_dc(op, y, lam=0.05)
+    copies = [i for _ in range(2) for i in range(z)]
+    together = consistency.admm_tv_z_dc(op.select(copies), y[copies], lam=0.05, groups=2)
+    other = torch.rand(x0.shape, generator=torch.Generator().manual_seed(1))
+    out = together(torch.cat([x0, other]))
+    torch.testing.assert_close(out[:z], alone(x0), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out[z:], alone(other), rtol=1e-4, atol=1e-5)
+    for fn in (consistency.cg_dc, consistency.prox_dc):  # the fixed CG steps: step sizes per copy
+        out2 = fn(op.select(copies), y[copies], groups=2)(torch.cat([x0, other]))
+        torch.testing.assert_close(out2[z:], fn(op, y)(other), rtol=1e-4, atol=1e-5)
+    coupled = consistency.admm_tv_z_dc(op.select(copies), y[copies], lam=0.05)(torch.cat([x0, other]))
+    assert not torch.allclose(coupled[:z], out[:z], rtol=1e-4, atol=1e-5)  # the test can fail: one stack couples
+
+
+@pytest.mark.parametrize("method", ["d3ip", "d3ip-mbir", "ddip"])
+def test_samples_are_drawn_together_at_the_adaptation_cost_of_one(method, tiny_prior, ct_case):
+    """--samples K runs K chains side by side: K times the sampling evaluations, the same adaptation
+    evaluations as one sample (each minibatch takes M slices from chains drawn at random); the result
+    is the chains' mean with their standard deviation, and K = 1 has no deviation map."""
+    _, model, _ = tiny_prior
+    x, op, y, x0 = ct_case
+    s = settings_for(method, "fast", "CT", steps=4, adapt_iters=2)
+    one = reconstruct(method, model, op, y, x0, s, generator=torch.Generator().manual_seed(0))
+    three = reconstruct(method, model, op, y, x0, s, generator=torch.Generator().manual_seed(0), chains=3)
+    assert one.std is None and three.image.shape == three.std.shape == x.shape
+    assert torch.isfinite(three.image).all() and (three.std >= 0).all() and float(three.std.max()) > 0
+    assert three.stats["nfe_sample"] == 3 * one.stats["nfe_sample"]
+    assert three.stats["nfe_adapt"] == one.stats["nfe_adapt"] > 0

@@ -35,25 +35,26 @@ from d3ip_cli.physics.solvers import cg, cgls_discrepancy
 DC = Callable[[torch.Tensor], torch.Tensor]
 
 
-def cg_dc(op: LinearOperator, y: torch.Tensor, n_iter: int = 5) -> DC:
-    """``x0 -> CG_n(A^H A x = A^H y; start x0)``."""
+def cg_dc(op: LinearOperator, y: torch.Tensor, n_iter: int = 5, groups: int = 1) -> DC:
+    """``x0 -> CG_n(A^H A x = A^H y; start x0)`` (``groups``: see :func:`~d3ip_cli.physics.solvers.cg`)."""
     rhs = op.A_adjoint(y)
 
     def dc(x0: torch.Tensor) -> torch.Tensor:
         if n_iter <= 0:
             return x0
-        return cg(op.normal, rhs, x0=x0.to(rhs.dtype) if rhs.is_complex() else x0, n_iter=n_iter)
+        return cg(op.normal, rhs, x0=x0.to(rhs.dtype) if rhs.is_complex() else x0, n_iter=n_iter, groups=groups)
 
     return dc
 
 
-def prox_dc(op: LinearOperator, y: torch.Tensor, gamma: float = 1.0, n_iter: int = 5) -> DC:
-    """``x0 -> argmin ½‖x − x0‖² + γ/2 ‖Ax − y‖²`` by CG warm-started at ``x0``."""
+def prox_dc(op: LinearOperator, y: torch.Tensor, gamma: float = 1.0, n_iter: int = 5, groups: int = 1) -> DC:
+    """``x0 -> argmin ½‖x − x0‖² + γ/2 ‖Ax − y‖²`` by CG warm-started at ``x0`` (``groups``: see
+    :func:`~d3ip_cli.physics.solvers.cg`)."""
     aty = op.A_adjoint(y)
 
     def dc(x0: torch.Tensor) -> torch.Tensor:
         x0 = x0.to(aty.dtype) if aty.is_complex() else x0
-        return cg(lambda v: v + gamma * op.normal(v), x0 + gamma * aty, x0=x0, n_iter=n_iter)
+        return cg(lambda v: v + gamma * op.normal(v), x0 + gamma * aty, x0=x0, n_iter=n_iter, groups=groups)
 
     return dc
 
@@ -77,20 +78,30 @@ def _soft(v: torch.Tensor, thresh: float) -> torch.Tensor:
 
 
 def admm_tv_z_dc(op: LinearOperator, y: torch.Tensor, *, rho: float = 0.5, lam: float = 0.01, n_admm: int = 5,
-                 n_cg: int = 5) -> DC:
-    """DiffusionMBIR's ADMM step with total variation along the slice axis (couples slices)."""
+                 n_cg: int = 5, groups: int = 1) -> DC:
+    """DiffusionMBIR's ADMM step with total variation along the slice axis (couples slices).
+
+    ``groups``: the slice axis holds that many stacked volumes (posterior samples drawn together); the
+    differences along z, and CG's step sizes, stay within each.
+    """
     aty = op.A_adjoint(y)
 
+    def diff_z(v: torch.Tensor) -> torch.Tensor:
+        return diff_forward(v.unflatten(0, (groups, -1)), 1).flatten(0, 1)
+
+    def diff_z_adjoint(v: torch.Tensor) -> torch.Tensor:
+        return diff_adjoint(v.unflatten(0, (groups, -1)), 1).flatten(0, 1)
+
     def normal(v: torch.Tensor) -> torch.Tensor:
-        return op.normal(v) + rho * diff_adjoint(diff_forward(v, 0), 0)
+        return op.normal(v) + rho * diff_z_adjoint(diff_z(v))
 
     def dc(x0: torch.Tensor) -> torch.Tensor:
         x = x0.to(aty.dtype) if aty.is_complex() else x0
-        z = diff_forward(x, 0)
+        z = diff_z(x)
         u = torch.zeros_like(z)
         for _ in range(n_admm):
-            x = cg(normal, aty + rho * diff_adjoint(z - u, 0), x0=x, n_iter=n_cg)
-            dzx = diff_forward(x, 0)
+            x = cg(normal, aty + rho * diff_z_adjoint(z - u), x0=x, n_iter=n_cg, groups=groups)
+            dzx = diff_z(x)
             z = _soft(dzx + u, lam / rho)
             u = u + dzx - z
         return x

@@ -302,24 +302,26 @@ def fits_noise(s: DiffusionSettings, noise: NoiseLevel | None) -> bool:
 
 
 def make_dc(op: LinearOperator, y: torch.Tensor, smap: StateMap, s: DiffusionSettings,
-            noise: NoiseLevel | None = None) -> Callable:
+            noise: NoiseLevel | None = None, chains: int = 1) -> Callable:
     """The data-consistency hook on network states, from the settings.
 
     ``noise`` (:class:`~d3ip_cli.physics.noise.NoiseLevel`, ``None`` when unknown): with ``fit =
     "noise"`` the CG and proximal steps become :func:`~d3ip_cli.engine.consistency.discrepancy_dc`,
     stopped at ``noise.target(H·W, tau)``; with ``mbir_start = "fit"`` the ADMM-TV-z step starts from
-    that fit.
+    that fit. ``chains``: the slices are that many stacked copies of the volume (independent samples);
+    no step couples one copy to another (CG takes step sizes per copy; TV along z stays within each).
     """
     stages: list[Callable[[torch.Tensor], torch.Tensor]] = []  # each slice's fit, then the coupling of slices
     if fits_noise(s, noise):
         unknowns = int(op.in_shape[-1]) * int(op.in_shape[-2])
         stages.append(consistency.discrepancy_dc(op, y, noise.target(unknowns, s.tau), s.cg_max))
     elif s.dc == "cg":
-        stages.append(consistency.cg_dc(op, y, s.cg_iter))
+        stages.append(consistency.cg_dc(op, y, s.cg_iter, chains))
     elif s.dc == "prox":
-        stages.append(consistency.prox_dc(op, y, s.gamma, s.cg_iter))
+        stages.append(consistency.prox_dc(op, y, s.gamma, s.cg_iter, chains))
     if s.dc == "admm-tv-z":
-        stages.append(consistency.admm_tv_z_dc(op, y, rho=s.rho, lam=s.lam, n_admm=s.admm_iter, n_cg=s.admm_cg_iter))
+        stages.append(consistency.admm_tv_z_dc(op, y, rho=s.rho, lam=s.lam, n_admm=s.admm_iter, n_cg=s.admm_cg_iter,
+                                               groups=chains))
 
     def img_dc(x: torch.Tensor) -> torch.Tensor:
         for stage in stages:
@@ -408,16 +410,27 @@ def adaptation_loss(model: torch.nn.Module, op: LinearOperator, y: torch.Tensor,
 def make_adapt_hook(model: torch.nn.Module, params: list[torch.nn.Parameter], op: LinearOperator, y: torch.Tensor,
                     smap: StateMap, s: DiffusionSettings, abar: torch.Tensor, generator: torch.Generator,
                     pool: torch.Tensor, iters: int | None = None, stats: dict | None = None,
-                    sync: bool = False) -> Callable | None:
+                    sync: bool = False, chains: int = 1) -> Callable | None:
     """The D3IP adaptation hook: K AdamW steps on random slice minibatches from ``pool``.
 
-    With ``sync`` (a shared adapter under torchrun) gradients are averaged across ranks.
+    With ``sync`` (a shared adapter under torchrun) gradients are averaged across ranks. With
+    ``chains`` > 1 the state holds that many samples of the volume (``op`` and ``y`` repeat the
+    slices ``chains`` times): a minibatch still takes M slices, each from a chain drawn at random
+    (a contiguous block from one chain), so the cost of adaptation does not grow with the samples.
     """
     from d3ip_cli.engine.distributed import average_gradients
 
     k = s.adapt_iters if iters is None else iters
     if k <= 0 or not params:
         return None
+    z_chain = op.in_shape[0] // chains
+
+    def rows_of(idx: torch.Tensor) -> torch.Tensor:
+        if chains == 1:
+            return idx
+        n = 1 if s.contiguous else idx.numel()
+        c = torch.randint(0, chains, (n,), generator=generator, device=generator.device).to(idx.device)
+        return idx + z_chain * c
 
     def adapt(x: torch.Tensor, t: int) -> None:
         if not s.adapt_t_min <= t <= s.adapt_t_max:
@@ -425,6 +438,7 @@ def make_adapt_hook(model: torch.nn.Module, params: list[torch.nn.Parameter], op
         opt = torch.optim.AdamW(params, lr=s.lr)
         with torch.enable_grad():
             for idx in _minibatches(pool, s.adapt_batch, k, s.contiguous, s.adapt_draw, generator):
+                idx = rows_of(idx)
                 loss = adaptation_loss(model, op, y, smap, x, idx, t, abar, s.adapt_cg)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -447,9 +461,13 @@ def make_adapt_hook(model: torch.nn.Module, params: list[torch.nn.Parameter], op
 
 @dataclasses.dataclass
 class DiffusionResult:
+    """``image``: the reconstruction (the mean of the samples when ``chains`` > 1); ``std``: the samples'
+    per-voxel standard deviation (of magnitudes for complex images; ``None`` for one sample)."""
+
     image: torch.Tensor
     stats: dict[str, Any]
     adapter: dict[str, torch.Tensor] | None
+    std: torch.Tensor | None = None
 
 
 def reconstruct(
@@ -465,6 +483,7 @@ def reconstruct(
     adapter: dict[str, torch.Tensor] | None = None,
     checkpointer: Any | None = None,
     noise: NoiseLevel | None = None,
+    chains: int = 1,
 ) -> DiffusionResult:
     """Run a diffusion method on ``y = A x`` and return the image in normalised units.
 
@@ -482,6 +501,10 @@ def reconstruct(
             steps, resume, stop on signals), or ``None``.
         noise: the data's :class:`~d3ip_cli.physics.noise.NoiseLevel` (``None`` when unknown);
             used by ``fit = "noise"``.
+        chains: posterior samples drawn together (``--samples``): the sampler's state holds
+            ``chains`` copies of every slice, each with its own noise, under one adapter (shared
+            methods) or one adapter per slice (``ddip``, ``d3ip-meta``); the result is their mean
+            and standard deviation. Sampling cost grows with ``chains``, adaptation cost does not.
 
     Under ``torchrun`` each rank reconstructs its shard of slices; the shared adapter's
     gradients are averaged across ranks; rank 0 receives the whole volume (others ``None``).
@@ -547,10 +570,16 @@ def reconstruct(
     def run(sub_op: LinearOperator, y_sub: torch.Tensor, x0_sub: torch.Tensor, pool: torch.Tensor,
             label: str, iters: int | None = None, resumable: bool = True,
             level: NoiseLevel | None = None) -> torch.Tensor:
-        sm = StateMap(sub_op.in_shape[0], smap.complex)
-        dc = make_dc(sub_op, y_sub, sm, s, level)
+        """Sample the slices of ``sub_op``; returns ``[chains, Z_sub, H, W]``."""
+        zs = sub_op.in_shape[0]
+        if chains > 1:  # the chains as stacked copies of the slices
+            copies = [i for _ in range(chains) for i in range(zs)]
+            sub_op, y_sub, x0_sub = sub_op.select(copies), y_sub[copies], x0_sub[copies]
+            level = None if level is None else level.select(copies)
+        sm = StateMap(zs * chains, smap.complex)
+        dc = make_dc(sub_op, y_sub, sm, s, level, chains)
         adapt = make_adapt_hook(fwd, params, sub_op, y_sub, sm, s, abar, generator, pool, iters, stats,
-                                sync=lockstep)
+                                sync=lockstep, chains=chains)
         start = 0
         if resumable and saved is not None and saved[1].get("stage") == "sample":
             tensors, meta = saved
@@ -578,7 +607,7 @@ def reconstruct(
 
         out = ddim_sample(eps_model, x, ts, abar, eta=s.eta, dc=dc, adapt=adapt, generator=generator,
                           callback=callback, start=start)
-        return sm.to_image(out)
+        return sm.to_image(out).unflatten(0, (chains, zs))
 
     all_slices = torch.arange(z, device="cpu")
     if method in ("dds", "d3ip", "d3ip-mbir"):
@@ -599,7 +628,7 @@ def reconstruct(
             lora.load_adapter_state(net, init_state)
             done.append(run(op.select([i]), y[i:i + 1], x_init[i:i + 1], torch.arange(1),
                             f"{method} slice {i + 1}/{z}", iters, resumable=False,
-                            level=None if noise is None else noise.select(slice(i, i + 1)))[0])
+                            level=None if noise is None else noise.select(slice(i, i + 1)))[:, 0])
             if checkpointer is not None and i + 1 < z:
                 state = {"rng": rng_tensor(generator), "done": torch.stack(done, 0)}
                 state.update({f"init.{k}": v for k, v in init_state.items()})
@@ -607,15 +636,20 @@ def reconstruct(
                 if (i + 1) % checkpointer.every == 0:
                     checkpointer.save(state, meta)
                 checkpointer.check_stop(state, meta)
-        image = torch.stack(done, 0)
+        image = torch.stack(done, 1)
+    std = None
+    if chains > 1:
+        std = (image.abs() if image.is_complex() else image).std(0, unbiased=True)
+    image = image.mean(0)
     adapter_out = None
     if params and shared:  # d3ip-meta: the meta-learned initialisation (the per-slice ones are thrown away)
         adapter_out = init_state if method == "d3ip-meta" else lora.adapter_state(net)
     if world_size > 1:
         image = dist.gather_slices(image, z_total)
+        std = None if std is None else dist.gather_slices(std, z_total)
         for key in ("nfe_sample", "nfe_adapt"):
             stats[key] = dist.all_reduce_int(int(stats.get(key, 0)), "sum")
-    return DiffusionResult(image, stats, adapter_out)
+    return DiffusionResult(image, stats, adapter_out, std)
 
 
 def _reptile(net: torch.nn.Module, params: list[torch.nn.Parameter], op: LinearOperator, y: torch.Tensor,
@@ -762,8 +796,9 @@ def run_registered(name: str, op: LinearOperator, y: torch.Tensor, x_init: torch
     z, h, w = op.in_shape
     z_rank = -(-z // world_size)  # the largest shard: what one rank holds
     meas_per_slice = int(torch.tensor(op.out_shape[1:]).prod()) if len(op.out_shape) > 1 else 1
+    n_samples = max(1, int(ctx.samples or 1))
     mp = plan(z_rank, (h, w), meas_per_slice, model_channels=int(meta["architecture"]["model_channels"]),
-              complex_=x_init.is_complex(), adapt_batch=s.adapt_batch, device=dev, n_samples=1,
+              complex_=x_init.is_complex(), adapt_batch=s.adapt_batch, device=dev, n_samples=n_samples,
               ranks=world_size)
     if "chunk" not in overrides:
         s.chunk = mp.chunk
@@ -815,42 +850,36 @@ def run_registered(name: str, op: LinearOperator, y: torch.Tensor, x_init: torch
         if ctx.progress is not None:
             ctx.progress(info["step"], info["steps"], info)
 
-    n_samples = max(1, int(ctx.samples or 1))
     lockstep = world_size > 1 and name in ("dds", "d3ip", "d3ip-mbir")
-    has_state = [False] * n_samples
+    has_state = False
     if ctx.checkpoint_dir and ctx.resume:
-        has_state = [_has_state(ctx.checkpoint_dir, k, rank) for k in range(n_samples)]
-        if not dist.all_reduce_int(int(any(has_state)), "max"):
+        has_state = _has_state(ctx.checkpoint_dir, rank)
+        if not dist.all_reduce_int(int(has_state), "max"):
             from d3ip_cli.core.errors import InputDataError
 
             raise InputDataError(f"--resume: no checkpoint in {ctx.checkpoint_dir} to continue from")
     key_settings = {k: v for k, v in s.to_dict().items() if k != "chunk"}  # the chunk follows free memory
-    images = []
-    last: DiffusionResult | None = None
-    for k in range(n_samples):
-        gen = torch.Generator(device=dev)
-        gen.manual_seed(int(ctx.seed) + 1_000_003 * k)
-        ck = None
-        if ctx.checkpoint_dir:
-            identity = run_identity(y, name, key_settings, {
-                "seed": ctx.seed, "sample": k, "prior": meta.get("sha256"), "world": world_size, "operator": repr(op),
-                "device": dev.type,  # a CPU generator state cannot seed a CUDA one
-                "adapter": _file_sha256(ctx.params.get("adapter"))})
-            resume_k = has_state[k]
-            if lockstep:  # all ranks resume, or none (a kill can land before a rank's first save)
-                resume_k = bool(dist.all_reduce_int(int(resume_k), "min"))
-            ck = Checkpointer(f"{ctx.checkpoint_dir}/sample{k}", identity, every=int(ctx.params.get("checkpoint_every", 5)),
-                              rank=rank, resume=resume_k)
-            ck.install_signal_handlers()
-        try:
-            last = reconstruct(name, model, op, y, x_init, s, generator=gen, progress=progress, adapter=adapter,
-                               checkpointer=ck, noise=level)
-        finally:
-            if ck is not None:
-                ck.restore_signal_handlers()
-        images.append(last.image)
+    gen = torch.Generator(device=dev)
+    gen.manual_seed(int(ctx.seed))
+    ck = None
+    if ctx.checkpoint_dir:
+        identity = run_identity(y, name, key_settings, {
+            "seed": ctx.seed, "samples": n_samples, "prior": meta.get("sha256"), "world": world_size,
+            "operator": repr(op), "device": dev.type,  # a CPU generator state cannot seed a CUDA one
+            "adapter": _file_sha256(ctx.params.get("adapter"))})
+        if lockstep:  # all ranks resume, or none (a kill can land before a rank's first save)
+            has_state = bool(dist.all_reduce_int(int(has_state), "min"))
+        ck = Checkpointer(f"{ctx.checkpoint_dir}/{CHECKPOINT_FOLDER}", identity,
+                          every=int(ctx.params.get("checkpoint_every", 5)), rank=rank, resume=has_state)
+        ck.install_signal_handlers()
+    try:
+        last = reconstruct(name, model, op, y, x_init, s, generator=gen, progress=progress, adapter=adapter,
+                           checkpointer=ck, noise=level, chains=n_samples)
+    finally:
+        if ck is not None:
+            ck.restore_signal_handlers()
     dump = os.environ.get("D3IP_DUMP_ADAPTER")
-    if dump and last is not None and last.adapter is not None:  # test hook: every rank writes its adapter
+    if dump and last.adapter is not None:  # test hook: every rank writes its adapter
         from safetensors.torch import save_file
 
         save_file({k: v.detach().cpu().contiguous() for k, v in last.adapter.items()}, dump.format(rank=rank))
@@ -860,27 +889,24 @@ def run_registered(name: str, op: LinearOperator, y: torch.Tensor, x_init: torch
         ctx.record["prior_info"] = {"steps": meta.get("steps"), "images_seen": meta.get("images_seen"),
                                     "resolution": meta.get("resolution"), "preset": meta.get("preset"),
                                     "images_seen_total": meta.get("images_seen_total", meta.get("images_seen"))}
-        ctx.record["engine"] = {"preset": ctx.preset or "fast", "settings": s.to_dict(), "memory": mp.to_dict(), "stats": last.stats if last else {},
-                                "samples": len(images), "world_size": world_size,
+        ctx.record["engine"] = {"preset": ctx.preset or "fast", "settings": s.to_dict(), "memory": mp.to_dict(), "stats": last.stats,
+                                "samples": n_samples, "world_size": world_size,
                                 "data_fit": _data_fit_record(s, fits, ctx.noise)}
         if dev.type == "cuda":
             ctx.record["peak_device_memory_mb"] = round(torch.cuda.max_memory_allocated(dev) / 2**20, 1)
-        ctx.record["model_evaluations"] = (last.stats.get("nfe_sample", 0) + last.stats.get("nfe_adapt", 0)) if last else 0
+        ctx.record["model_evaluations"] = last.stats.get("nfe_sample", 0) + last.stats.get("nfe_adapt", 0)
     if rank != 0:
         return x_init  # non-zero ranks do not write; the caller checks dist.world()
-    if ctx.params.get("save_adapter") and last is not None and last.adapter is not None:
+    if ctx.params.get("save_adapter") and last.adapter is not None:
         lora.save_adapter(ctx.params["save_adapter"], _adapter_carrier(model, s, last.adapter),
                           {"architecture": meta["architecture"], "prior_sha256": meta.get("sha256"), "method": name,
                            "task": ctx.task, "settings": s.to_dict()})
         if ctx.record is not None:
             ctx.record.add_output(ctx.params["save_adapter"], role="adapter")
-    if len(images) == 1:
-        return images[0]
-    stack = torch.stack([im.abs() if im.is_complex() else im for im in images], 0)
-    ctx.extras = getattr(ctx, "extras", {}) or {}
-    ctx.extras["std"] = stack.std(0, unbiased=True)
-    mean = torch.stack(images, 0).mean(0)
-    return mean
+    if last.std is not None:
+        ctx.extras = getattr(ctx, "extras", {}) or {}
+        ctx.extras["std"] = last.std
+    return last.image
 
 
 def _data_fit_record(s: DiffusionSettings, fits: bool, noise: dict | None) -> dict[str, Any]:
@@ -902,10 +928,14 @@ def _file_sha256(path: str | None) -> str | None:
     return sha256_path(path)
 
 
-def _has_state(directory: str, k: int, rank: int) -> bool:
+# the folder of --checkpoint-dir that holds a run's sampler states (all its samples are drawn together)
+CHECKPOINT_FOLDER = "sample0"
+
+
+def _has_state(directory: str, rank: int) -> bool:
     from pathlib import Path
 
-    d = Path(directory) / f"sample{k}"
+    d = Path(directory) / CHECKPOINT_FOLDER
     return (d / f"state-rank{rank}.safetensors").exists() or (d / f"state-rank{rank}.prev.safetensors").exists()
 
 

@@ -191,8 +191,8 @@ def check_distinct_outputs(named: dict[str, str | os.PathLike | None]) -> None:
 
 
 def _checkpoint_folder(name: str) -> bool:
-    """``sample0``, ``sample1``, ...: the folders :class:`~d3ip_cli.engine.checkpointing.Checkpointer`
-    keeps a run's sampler states in, one per posterior sample."""
+    """``sample0`` (and ``sample1``, ... of older versions, one per posterior sample): the folders
+    :class:`~d3ip_cli.engine.checkpointing.Checkpointer` keeps a run's sampler states in."""
     return name.startswith("sample") and name[len("sample"):].isdigit()
 
 

@@ -29,16 +29,24 @@ from d3ip_cli.physics.base import LinearOperator
 Progress = Callable[[int, int, dict], None]
 
 
-def _dot(a: torch.Tensor, b: torch.Tensor, per_slice: bool) -> torch.Tensor:
+def _dot(a: torch.Tensor, b: torch.Tensor, per_slice: bool | int) -> torch.Tensor:
+    """``<a, b>`` (real part): one scalar, one per slice of axis 0 (``per_slice=True``), or one per each of
+    ``per_slice = n`` equal blocks of axis 0 (an integer > 1)."""
     p = (a.conj() * b).real if (a.is_complex() or b.is_complex()) else a * b
-    if per_slice:
+    if per_slice is True:
         return p.reshape(p.shape[0], -1).sum(dim=1)
+    if per_slice is not False and per_slice > 1:
+        return p.reshape(int(per_slice), -1).sum(dim=1)
     return p.sum()
 
 
 def _bc(a: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """Broadcast a scalar or per-slice vector ``a [Z]`` against ``t [Z, ...]``."""
-    return a if a.ndim == 0 else a.reshape((-1,) + (1,) * (t.ndim - 1))
+    """Broadcast a scalar, a per-slice vector ``a [Z]`` or a per-block vector against ``t [Z, ...]``."""
+    if a.ndim == 0:
+        return a
+    if a.shape[0] != t.shape[0]:
+        a = a.repeat_interleave(t.shape[0] // a.shape[0])
+    return a.reshape((-1,) + (1,) * (t.ndim - 1))
 
 
 def _div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
@@ -47,7 +55,7 @@ def _div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
 
 
 def cg(normal: Callable[[torch.Tensor], torch.Tensor], rhs: torch.Tensor, x0: torch.Tensor | None = None,
-       n_iter: int = 10, *, tol: float = 0.0, per_slice: bool = False) -> torch.Tensor:
+       n_iter: int = 10, *, tol: float = 0.0, per_slice: bool = False, groups: int = 1) -> torch.Tensor:
     """Conjugate gradients for :math:`N x = b` with ``N`` self-adjoint PSD.
 
     Args:
@@ -57,11 +65,15 @@ def cg(normal: Callable[[torch.Tensor], torch.Tensor], rhs: torch.Tensor, x0: to
         n_iter: iterations (fixed unless ``tol > 0``).
         tol: stop when :math:`\\|r\\| \\le tol \\|b\\|` (0: always run ``n_iter``; keeps the graph static).
         per_slice: separate step sizes per slice of axis 0.
+        groups: separate step sizes for each of ``groups`` equal blocks of axis 0 (as many
+            independent systems stacked, e.g. the samples of ``--samples``); ignored with ``per_slice``.
 
     Returns:
         ``x`` with ``x.shape == rhs.shape``; differentiable w.r.t. ``rhs``, ``x0`` and
         whatever ``normal`` depends on.
     """
+    if not per_slice and groups > 1:
+        per_slice = int(groups)  # one step size per block (see _dot)
     x = torch.zeros_like(rhs) if x0 is None else x0
     r = rhs - normal(x) if x0 is not None else rhs
     p = r
