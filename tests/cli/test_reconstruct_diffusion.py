@@ -267,24 +267,22 @@ def test_mbir_start_reaches_d3ip_mbir_and_bad_values_are_refused(cli, prior, vol
     assert r.exit_code == 0, r.output  # the noise fit does not use gamma either: said, as without it
     assert json.loads(r.stdout)["warnings"] == ["--gamma is ignored: it weights the proximal data consistency (MRI), "
                                                 "and d3ip-mbir here runs admm-tv-z"]
-    r = cli([*base, "--method", "d3ip-mbir", "--mbir-start", "fit", "--fit", "steps", "-o", tmp_path / "s.npy"])
-    assert r.exit_code == 0, r.output
-    doc = json.loads(r.stdout)
-    assert doc["engine"]["data_fit"]["fit"] == "steps"
-    assert doc["warnings"] == ["--mbir-start fit needs --fit noise: the ADMM step starts from the prior's estimate"]
+    for extra, why in ((["--fit", "steps"], "(here --fit steps)"), (["--preset", "standard"], "the standard preset")):
+        r = cli([*base, "--method", "d3ip-mbir", "--mbir-start", "fit", *extra, "-o", tmp_path / "s.npy"])
+        assert r.exit_code == 2 and "--mbir-start fit" in r.stderr and "needs --fit noise" in r.stderr, r.output
+        assert why in r.stderr and "1/2" not in r.stderr and not (tmp_path / "s.npy").exists()  # before any work
     r = cli([*base, "--method", "d3ip-mbir", "--cg-iter", "7", "-o", tmp_path / "c.npy"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["warnings"] == ["--cg-iter is ignored: d3ip-mbir's data consistency is its ADMM step "
                                                 "(5 x 5 CG steps)"]
     r = cli([*base, "--method", "d3ip", "--mbir-start", "fit", "-o", tmp_path / "d.npy"])
-    assert r.exit_code == 0, r.output
-    assert json.loads(r.stdout)["warnings"] == ["--mbir-start is ignored: it sets where d3ip-mbir's ADMM step starts, "
-                                                "and d3ip here runs cg"]
+    assert r.exit_code == 2 and "--mbir-start does not apply to method d3ip" in r.stderr, r.output
+    assert not (tmp_path / "d.npy").exists()
     r = cli([*base, "--method", "d3ip-mbir", "--mbir-start", "middle", "-o", tmp_path / "b.npy"])
     assert r.exit_code == 2 and "--mbir-start" in r.output and not (tmp_path / "b.npy").exists(), r.output
 
 
-def test_lam_reaches_d3ip_mbir_and_is_refused_by_classical_methods(cli, prior, volume, tmp_path):
+def test_lam_reaches_d3ip_mbir_and_is_refused_by_other_methods(cli, prior, volume, tmp_path):
     base = ["reconstruct", volume, "--task", "sparse-view", "--views", "16", "--prior", prior, "--steps", "2",
             "--adapt-iters", "1", "--json"]
     r = cli([*base, "--method", "d3ip-mbir", "--lam", "0.02", "-o", tmp_path / "m.npy"])
@@ -292,10 +290,14 @@ def test_lam_reaches_d3ip_mbir_and_is_refused_by_classical_methods(cli, prior, v
     settings = json.loads(r.stdout)["engine"]["settings"]
     assert (settings["dc"], settings["lam"]) == ("admm-tv-z", 0.02)
     assert not json.loads(r.stdout)["warnings"]
-    r = cli([*base, "--method", "d3ip", "--lam", "0.02", "-o", tmp_path / "d.npy"])  # runs, but says lam is unused
-    assert r.exit_code == 0, r.output
-    assert json.loads(r.stdout)["warnings"] == ["--lam is ignored: it weights d3ip-mbir's ADMM step, and d3ip here runs cg"]
-    assert r.stderr.count("--lam is ignored") == 1 and r.stderr.index("--lam is ignored") < r.stderr.index("2/2")
+    r = cli([*base, "--method", "d3ip", "--lam", "0.02", "-o", tmp_path / "d.npy"])  # only d3ip-mbir takes it
+    assert r.exit_code == 2 and "--lam does not apply to method d3ip" in r.stderr, r.output
+    assert "1/2" not in r.stderr and not (tmp_path / "d.npy").exists()  # refused before any work
+    for flag in (["--lr", "0.1"], ["--adapt-iters", "3"], ["--lora-rank", "8"], ["--train-bias"]):  # dds does not adapt
+        r = cli(["reconstruct", volume, "--task", "sparse-view", "--views", "16", "--prior", prior, "--steps", "2",
+                 "--method", "dds", *flag, "-o", tmp_path / "dds.npy"])
+        assert r.exit_code == 2 and f"{flag[0]} does not apply to method dds" in r.stderr, r.output
+        assert not (tmp_path / "dds.npy").exists()
     r = cli(["reconstruct", volume, "--task", "sparse-view", "--views", "16", "--method", "tv", "--lam", "0.02",
              "-o", tmp_path / "t.npy"])
     assert r.exit_code == 2 and "--lam does not apply to method tv" in r.output and not (tmp_path / "t.npy").exists()
@@ -356,8 +358,8 @@ def test_adapter_options_are_checked_before_any_work(cli, prior, volume, tmp_pat
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "o3l.npy.json").read_text())["engine"]["settings"]["lora_rank"] == 16
     r = cli([*mri, "--adapter", tmp_path / "no" / "dir" / "a.safetensors", "--lora-rank", "4", "-o", tmp_path / "o3r.npy"])
-    assert r.exit_code == 3 and "adapter tensor" in r.stderr and "has shape" in r.stderr, r.output
-    assert not (tmp_path / "o3r.npy").exists()
+    assert r.exit_code == 3 and "--lora-rank 4 contradicts --adapter" in r.stderr, r.output
+    assert "lora rank 16" in r.stderr and "leave --lora-rank out" in r.stderr and not (tmp_path / "o3r.npy").exists()
     before = saved.read_bytes() if (saved := tmp_path / "no" / "dir" / "a.safetensors").exists() else None
     r = cli([*base, "--adapter", saved, "--save-adapter", saved, "--overwrite", "-o", tmp_path / "o3c.npy"])
     assert r.exit_code == 4 and "would replace the input" in r.stderr, r.output  # the adapter read is an input

@@ -104,3 +104,14 @@ def test_a_single_multicoil_slice_simulates_with_writable_maps_and_masks(cli, an
     r = cli(["simulate", anatomy, "-o", tmp_path / "z.h5", "--task", "cs-mri", "--coils", "4", "--slices", "5:6"])
     assert r.exit_code == 0, r.output
     assert read_measurement(tmp_path / "z.h5").data.shape[:2] == (1, 4)
+
+
+def test_a_ct_image_simulated_as_mri_is_said_to_be_a_synthetic_study(cli, ct_slice, tmp_path):
+    """As reconstruct says it of its retrospective studies: a CT image given to an MRI task (or the reverse)
+    makes a synthetic study, not the scan's acquisition; a CT task on it says nothing of the kind."""
+    r = cli(["simulate", ct_slice, "-o", tmp_path / "k.h5", "--task", "cs-mri", "--grid", "64", "--json"])
+    assert r.exit_code == 0, r.output
+    note = "the input is a CT image; --task cs-mri simulates MR data from it"
+    assert any(w.startswith(note) for w in json.loads(r.stdout)["warnings"]) and note in r.stderr
+    r = cli(["simulate", ct_slice, "-o", tmp_path / "s.h5", "--task", "sparse-view", "--grid", "64", "--json"])
+    assert r.exit_code == 0 and not any("simulates" in w for w in json.loads(r.stdout)["warnings"]), r.output

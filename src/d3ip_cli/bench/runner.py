@@ -336,8 +336,9 @@ def _config(case: Case, method: str, suite: Suite, *, prior: str | None, seed: i
 
     opts: dict[str, Any] = dict(task=case.setting.task, method=method, seed=seed, slices=slices, grid=suite.grid,
                                 weight=weight, **case.setting.options, **suite.noise)
-    if not get_method(method).classical:
-        opts.update(prior=prior, preset=suite.preset, **suite.engine)
+    m = get_method(method)
+    if not m.classical:  # the suite's engine options that this method takes
+        opts.update(prior=prior, preset=suite.preset, **{k: v for k, v in suite.engine.items() if k in m.defaults})
     return ReconConfig.from_options(**opts)
 
 

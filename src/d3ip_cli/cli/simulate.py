@@ -97,9 +97,11 @@ def register(app: typer.Typer) -> None:
             meas, op, _ = simulate_measurement(vol, cfg, cfg, seed=cfg.seed, device=dev, source=str(Path(input).resolve()),
                                                argv=record["argv"])
         from d3ip_cli.engine.intensity import IntensityScale
-        from d3ip_cli.engine.recon import acceleration_note, scale_notes
+        from d3ip_cli.engine.recon import acceleration_note, modality_note, scale_notes
 
         for note in scale_notes(vol, IntensityScale.from_dict(meas.intensity)):
+            record.warn(note)
+        if note := modality_note(vol, str(cfg.task)):
             record.warn(note)
         if note := acceleration_note(op, cfg.acceleration):
             record.warn(note)

@@ -201,6 +201,22 @@ METHOD_OVERRIDES: dict[str, dict[str, Any]] = {
 }
 
 
+# Options a method never takes, refused on the command line: dds does not adapt; only d3ip-mbir has the
+# ADMM-TV-z step; only d3ip-meta the Reptile outer loop. (Options whose use depends on the data, such as
+# --gamma or --tau, are warned about when they go unused instead.)
+ADAPTATION_OPTIONS = ("lr", "adapt_iters", "adapt_batch", "lora_rank", "train_bias", "adapt_t_min", "adapt_t_max",
+                      "adapt_draw", "adapt_cg", "adapter", "save_adapter")
+MBIR_OPTIONS = ("lam", "rho", "admm_iter", "admm_cg_iter", "mbir_start")
+META_OPTIONS = ("meta_outer", "meta_inner", "meta_lr", "finetune_iters")
+METHOD_REFUSES: dict[str, tuple[str, ...]] = {
+    "dds": ADAPTATION_OPTIONS + MBIR_OPTIONS + META_OPTIONS,
+    "d3ip": MBIR_OPTIONS + META_OPTIONS,
+    "ddip": MBIR_OPTIONS + META_OPTIONS,
+    "d3ip-mbir": META_OPTIONS,
+    "d3ip-meta": MBIR_OPTIONS,
+}
+
+
 def settings_for(method: str, preset: str = "fast", task_modality: str = "CT", task: str | None = None,
                  **overrides: Any) -> DiffusionSettings:
     """Resolve preset -> modality defaults -> preset-per-modality -> preset-per-task -> method defaults
@@ -762,7 +778,8 @@ def check_prior_serves(meta: dict, shape: tuple[int, ...], complex_: bool) -> No
     h, w = shape[-2:]
     if h % f or w % f:
         raise InputDataError(f"the prior cannot serve {h}x{w} slices: sides must be divisible by {f} "
-                             f"(resample with --grid N, N a multiple of {f})")
+                             f"(an image volume: resample with --grid N, N a multiple of {f}; a measurement file's grid "
+                             f"is fixed by its data: simulate it again with such a --grid)")
 
 
 def run_registered(name: str, op: LinearOperator, y: torch.Tensor, x_init: torch.Tensor, ctx: Any) -> torch.Tensor:
@@ -790,6 +807,12 @@ def run_registered(name: str, op: LinearOperator, y: torch.Tensor, x_init: torch
     shape = {f: adapter_meta[k] for k, f in (("rank", "lora_rank"), ("train_bias", "train_bias"))
              if adapter_meta.get(k) is not None}
     given = {k: v for k, v in overrides.items() if v is not None}
+    for key, opt in (("lora_rank", "--lora-rank"), ("train_bias", "--train-bias")):
+        if key in shape and key in given and given[key] != shape[key]:
+            from d3ip_cli.core.errors import InputDataError
+
+            raise InputDataError(f"{opt} {given[key]} contradicts --adapter {ctx.params['adapter']}, which has "
+                                 f"{key.replace('_', ' ')} {shape[key]} (a reused adapter brings its own; leave {opt} out)")
     s = settings_for(name, ctx.preset or "fast", modality, ctx.task, **{**shape, **given})
     s.precision = resolve_precision(s.precision, dev)  # the record and the checkpoint key name what ran
     rank, world_size = dist.world()
@@ -809,6 +832,9 @@ def run_registered(name: str, op: LinearOperator, y: torch.Tensor, x_init: torch
                             f"--task {ctx.task}")
     from d3ip_cli.physics.noise import noise_level
 
+    if overrides.get("mbir_start") == "fit" and s.fit != "noise":
+        raise UsageError(f"--mbir-start fit starts the ADMM step from the fit down to the noise: it needs --fit noise "
+                         f"(here --fit {s.fit}{'' if overrides.get('fit') else ', the ' + (ctx.preset or 'fast') + ' preset'})")
     level = noise_level(y, ctx.noise, getattr(op, "mask", None) if modality == "MR" else None)
     fits = fits_noise(s, level)
     if ctx.record is not None and rank == 0:  # known before the run: said before it (the CLI prints each as recorded)
@@ -823,8 +849,6 @@ def run_registered(name: str, op: LinearOperator, y: torch.Tensor, x_init: torch
         if overrides.get("cg_iter") is not None and s.dc == "admm-tv-z":
             ctx.record.warn(f"--cg-iter is ignored: {name}'s data consistency is its ADMM step "
                             f"({s.admm_iter} x {s.admm_cg_iter} CG steps)")
-        if overrides.get("mbir_start") == "fit" and s.dc == "admm-tv-z" and s.fit != "noise":
-            ctx.record.warn("--mbir-start fit needs --fit noise: the ADMM step starts from the prior's estimate")
         for key, opt in (("cg_iter", "--cg-iter"), ("gamma", "--gamma")):
             if fits and s.dc in ("cg", "prox") and overrides.get(key) is not None:
                 ctx.record.warn(f"{opt} is ignored: data consistency fits down to the recorded noise level "
@@ -834,12 +858,9 @@ def run_registered(name: str, op: LinearOperator, y: torch.Tensor, x_init: torch
         if res and not res / 4 <= min(h, w) <= max(h, w) <= 4 * res:
             ctx.record.warn(f"the prior was trained on {res}x{res} phantoms and this grid is {h}x{w}: features are "
                             "at a very different pixel scale from its training (--grid N resamples in-plane)")
-        unused = {"lam": ("--lam", "admm-tv-z", "weights d3ip-mbir's ADMM step"),
-                  "gamma": ("--gamma", "prox", "weights the proximal data consistency (MRI)"),
-                  "mbir_start": ("--mbir-start", "admm-tv-z", "sets where d3ip-mbir's ADMM step starts")}
-        for key, (opt, dc, what) in unused.items():
-            if overrides.get(key) is not None and s.dc != dc and not (key == "gamma" and fits and s.dc in ("cg", "prox")):
-                ctx.record.warn(f"{opt} is ignored: it {what}, and {name} here runs {s.dc}")
+        if overrides.get("gamma") is not None and s.dc != "prox" and not (fits and s.dc == "cg"):
+            ctx.record.warn(f"--gamma is ignored: it weights the proximal data consistency (MRI), and {name} here "
+                            f"runs {s.dc}")
         if world_size > 1 and name == "d3ip-mbir":
             ctx.record.warn(f"d3ip-mbir under torchrun: TV along z couples slices within each of the {world_size} "
                             "shards, not across their boundaries")
@@ -949,13 +970,15 @@ def _adapter_carrier(model: torch.nn.Module, s: DiffusionSettings, state: dict[s
 def _register() -> None:
     from d3ip_cli.engine.methods import ALL_TASKS, PLANNED_METHODS, register_method
 
-    defaults = {k: None for k in SETTING_FIELDS}
-    defaults.update({"adapter": None, "save_adapter": None, "checkpoint_every": 5})
+    common = {k: None for k in SETTING_FIELDS}
+    common.update({"adapter": None, "save_adapter": None, "checkpoint_every": 5})
     for name in DIFFUSION_METHODS:
         def fn(op, y, x_init, ctx, _name=name):
             return run_registered(_name, op, y, x_init, ctx)
 
         fn.__name__ = f"diffusion_{name.replace('-', '_')}"
+        # a method refuses the options it never takes (check_params: exit 2 before any work)
+        defaults = {k: v for k, v in common.items() if k not in METHOD_REFUSES.get(name, ())}
         register_method(name, fn, ALL_TASKS, needs_prior=True, description=PLANNED_METHODS.get(name, name),
                         defaults=defaults, replace=True)
 

@@ -269,6 +269,19 @@ def scale_notes(vol: Volume, scale: IntensityScale) -> list[str]:
     return notes
 
 
+def modality_note(vol: Volume, task: str) -> str | None:
+    """The warning for a CT image simulated as MRI data or the reverse (``None`` when they agree or the
+    volume's modality is unknown)."""
+    from d3ip_cli.physics.registry import get_task
+
+    task_modality = get_task(task).modality
+    if vol.modality in ("CT", "MR") and vol.modality != task_modality:
+        article = "an" if vol.modality == "MR" else "a"
+        return (f"the input is {article} {vol.modality} image; --task {task} simulates {task_modality} data from "
+                "it (a synthetic study, not this scan's acquisition)")
+    return None
+
+
 def problem_from_volume(vol: Volume, cfg: ReconConfig, *, device: torch.device | str = "cpu",
                         source: str | None = None) -> Problem:
     """Retrospective study: simulate from ``vol``; the volume (normalised and mapped back) is the reference."""
@@ -280,13 +293,8 @@ def problem_from_volume(vol: Volume, cfg: ReconConfig, *, device: torch.device |
     meta = dict(meas.meta)  # CT in HU where the values were read so (scale_notes)
     if note := acceleration_note(op, cfg.acceleration):
         notes.append(note)
-    from d3ip_cli.physics.registry import get_task
-
-    task_modality = get_task(str(cfg.task)).modality
-    if vol.modality in ("CT", "MR") and vol.modality != task_modality:
-        article = "an" if vol.modality == "MR" else "a"
-        notes.append(f"the input is {article} {vol.modality} image; --task {cfg.task} simulates {task_modality} data from "
-                     "it (a synthetic study, not this scan's acquisition)")
+    if note := modality_note(vol, str(cfg.task)):
+        notes.append(note)
     return Problem(op=op, y=y, task=str(cfg.task), scale=scale, affine=vol.affine.copy(), meta=meta,
                    reference=reference, retrospective=True, measurement=meas, warnings=notes,
                    noise=dict(meas.provenance["noise"]))
