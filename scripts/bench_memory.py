@@ -94,8 +94,9 @@ def main(argv: list[str] | None = None) -> int:
             out = work / f"recon_{n}.npy"
             cmd = [sys.executable, "-m", "d3ip_cli", "reconstruct", str(vol), "--task", args.task,
                    "--slices", f"0:{n}", "--method", args.method, "--prior", prior, "--steps", str(args.steps),
-                   "--adapt-iters", str(args.adapt_iters), "--device", args.device, "-o", str(out), "--overwrite",
-                   "--json"]
+                   "--device", args.device, "-o", str(out), "--overwrite", "--json"]
+            if args.method != "dds":  # dds does not adapt (and refuses the option)
+                cmd += ["--adapt-iters", str(args.adapt_iters)]
             t = time.perf_counter()
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if proc.returncode != 0:

@@ -46,10 +46,18 @@ def run_one(method: str, n: int, args: argparse.Namespace) -> dict:
     vol = Volume(data=x, affine=np.eye(4), meta={"modality": "OT", "units": "a.u."})
     opts = {"views": args.views} if args.task == "sparse-view" else (
         {"arc": args.arc} if args.task == "limited-angle" else {"acceleration": args.acceleration})
+    from d3ip_cli.engine.diffusion import SETTING_FIELDS
+    from d3ip_cli.engine.methods import get_method
+
+    takes = get_method(method).defaults
     engine_opts = {}
     for item in args.set:  # KEY=VALUE engine settings, as in d3ip reconstruct --KEY VALUE
         k, _, v = item.partition("=")
-        engine_opts[k.replace("-", "_")] = v
+        k = k.replace("-", "_")
+        if k in takes or k not in SETTING_FIELDS:
+            engine_opts[k] = v  # (a key of no method is left for ReconConfig to refuse)
+        else:  # e.g. adapt_iters for dds, which does not adapt
+            print(f"# --set {k}: not an option of {method}, left out for it", file=sys.stderr)
     cfg = ReconConfig(task=args.task, method=method, prior=args.prior, preset=args.preset, seed=args.seed, **opts,
                       **engine_opts)
     dev = torch.device(args.device)

@@ -103,6 +103,9 @@ def test_resume_refuses_foreign_checkpoint_and_missing_one(cli, prior, volume, t
     r = cli(["reconstruct", volume, *opts, "-o", tmp_path / "a.npy"])
     assert r.exit_code == 0, r.output
     assert (ck / "sample0" / "state-rank0.safetensors").exists()
+    assert "holds an earlier run's sampler state" not in r.stderr
+    r = cli(["reconstruct", volume, *opts, "-o", tmp_path / "a2.npy"])  # again without --resume: said, then afresh
+    assert r.exit_code == 0 and "holds an earlier run's sampler state: this run starts afresh" in r.stderr, r.output
 
     other = _phantom(tmp_path / "other.npy", seed=1)
     for args in (["reconstruct", other, *opts, "--resume"],  # another input
@@ -267,6 +270,13 @@ def test_mbir_start_reaches_d3ip_mbir_and_bad_values_are_refused(cli, prior, vol
     assert r.exit_code == 0, r.output  # the noise fit does not use gamma either: said, as without it
     assert json.loads(r.stdout)["warnings"] == ["--gamma is ignored: it weights the proximal data consistency (MRI), "
                                                 "and d3ip-mbir here runs admm-tv-z"]
+    la = ["reconstruct", volume, "--task", "limited-angle", "--arc", "90", "--prior", prior, "--steps", "2",
+          "--adapt-iters", "1", "--json", "--method", "d3ip-mbir"]  # the fast preset's own mbir_start = fit there
+    r = cli([*la, "--fit", "steps", "-o", tmp_path / "la.npy"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["warnings"] == ["--fit steps: d3ip-mbir's ADMM step starts from x̂0, not from the fit "
+                                                "down to the noise that the fast preset's --mbir-start fit asks for on "
+                                                "--task limited-angle"]
     for extra, why in ((["--fit", "steps"], "(here --fit steps)"), (["--preset", "standard"], "the standard preset")):
         r = cli([*base, "--method", "d3ip-mbir", "--mbir-start", "fit", *extra, "-o", tmp_path / "s.npy"])
         assert r.exit_code == 2 and "--mbir-start fit" in r.stderr and "needs --fit noise" in r.stderr, r.output

@@ -123,6 +123,11 @@ def test_memory_plan_linear_and_refusal():
     assert p16.per_slice_bytes == p64.per_slice_bytes and p16.chunk >= 1
     with pytest.raises(ResourceError, match="at most .* slices fit"):
         plan(10**6, (512, 512), 60 * 725, **kw)
+    # --samples K: K copies of every slice, in memory and as rows the network may batch together
+    p4 = plan(4, (64, 64), 60 * 90, **kw, n_samples=4)
+    assert p4.per_slice_bytes == 4 * plan(4, (64, 64), 60 * 90, **kw).per_slice_bytes and p4.chunk == 16
+    with pytest.raises(ResourceError, match="--samples 4 holds 4 copies"):
+        plan(10**5, (512, 512), 60 * 725, **kw, n_samples=4)
 
 
 def test_bf16_autocast_runs_the_network_in_bf16_and_stays_close(tiny_prior, ct_case):

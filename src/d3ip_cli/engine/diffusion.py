@@ -324,8 +324,9 @@ def make_dc(op: LinearOperator, y: torch.Tensor, smap: StateMap, s: DiffusionSet
     ``noise`` (:class:`~d3ip_cli.physics.noise.NoiseLevel`, ``None`` when unknown): with ``fit =
     "noise"`` the CG and proximal steps become :func:`~d3ip_cli.engine.consistency.discrepancy_dc`,
     stopped at ``noise.target(H·W, tau)``; with ``mbir_start = "fit"`` the ADMM-TV-z step starts from
-    that fit. ``chains``: the slices are that many stacked copies of the volume (independent samples);
-    no step couples one copy to another (CG takes step sizes per copy; TV along z stays within each).
+    that fit. ``chains``: the slices are that many stacked copies of the volume (the chains of
+    ``--samples``); no step couples one copy to another (CG takes step sizes per copy; TV along z stays
+    within each).
     """
     stages: list[Callable[[torch.Tensor], torch.Tensor]] = []  # each slice's fit, then the coupling of slices
     if fits_noise(s, noise):
@@ -846,6 +847,9 @@ def run_registered(name: str, op: LinearOperator, y: torch.Tensor, x_init: torch
         if overrides.get("tau") is not None and not fits:
             ctx.record.warn("--tau is ignored: data consistency runs fixed steps here (--fit steps, data that do not "
                             "record their noise, or d3ip-mbir's ADMM step from x̂0)")
+        if s.dc == "admm-tv-z" and s.mbir_start == "fit" and s.fit != "noise":  # the preset's start, --fit steps given
+            ctx.record.warn(f"--fit steps: d3ip-mbir's ADMM step starts from x̂0, not from the fit down to the noise "
+                            f"that the {ctx.preset or 'fast'} preset's --mbir-start fit asks for on --task {ctx.task}")
         if overrides.get("cg_iter") is not None and s.dc == "admm-tv-z":
             ctx.record.warn(f"--cg-iter is ignored: {name}'s data consistency is its ADMM step "
                             f"({s.admm_iter} x {s.admm_cg_iter} CG steps)")
@@ -879,6 +883,9 @@ def run_registered(name: str, op: LinearOperator, y: torch.Tensor, x_init: torch
             from d3ip_cli.core.errors import InputDataError
 
             raise InputDataError(f"--resume: no checkpoint in {ctx.checkpoint_dir} to continue from")
+    elif ctx.checkpoint_dir and _has_state(ctx.checkpoint_dir, rank) and ctx.record is not None and rank == 0:
+        ctx.record.warn(f"--checkpoint-dir {ctx.checkpoint_dir} holds an earlier run's sampler state: this run starts "
+                        "afresh and replaces it (--resume continues it)")
     key_settings = {k: v for k, v in s.to_dict().items() if k != "chunk"}  # the chunk follows free memory
     gen = torch.Generator(device=dev)
     gen.manual_seed(int(ctx.seed))

@@ -118,7 +118,9 @@ def plan(n_slices: int, image_shape: tuple[int, int], meas_numel_per_slice: int,
                     "(the network and its activations; a smaller --grid needs less)")
         else:
             hint = "use --slices A:B to reconstruct a slab at a time, a smaller --grid, or more ranks (torchrun)"
+        if n_samples > 1:
+            hint += f"; --samples {n_samples} holds {n_samples} copies of every slice (fewer samples need less)"
         raise ResourceError(f"{what}: {hint}")
     room = budget - fixed - n_slices * per_slice
-    chunk = int(max(1, min(64, room // act, n_slices * cplx)))
+    chunk = int(max(1, min(64, room // act, n_slices * cplx * max(1, n_samples))))  # the chains are rows too
     return MemoryPlan(chunk, per_slice, act, fixed, avail, int(max_slices))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 import torch
 
@@ -118,7 +119,8 @@ class NoiseLevel:
     energy: torch.Tensor
     measured: torch.Tensor
 
-    def select(self, index: slice) -> "NoiseLevel":
+    def select(self, index: Any) -> "NoiseLevel":
+        """The slices ``index`` (a slice, or a list of indices, repeats allowed)."""
         return NoiseLevel(self.energy[index], self.measured[index])
 
     def target(self, unknowns: int, tau: float) -> torch.Tensor:

@@ -44,7 +44,9 @@ def _bc(a: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """Broadcast a scalar, a per-slice vector ``a [Z]`` or a per-block vector against ``t [Z, ...]``."""
     if a.ndim == 0:
         return a
-    if a.shape[0] != t.shape[0]:
+    if a.shape[0] != t.shape[0]:  # one value per block of equal size
+        if t.shape[0] % a.shape[0]:
+            raise ValueError(f"{a.shape[0]} step sizes cannot cover {t.shape[0]} slices in equal blocks")
         a = a.repeat_interleave(t.shape[0] // a.shape[0])
     return a.reshape((-1,) + (1,) * (t.ndim - 1))
 
