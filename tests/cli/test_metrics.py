@@ -37,9 +37,11 @@ def test_identical_and_mismatched(cli, tmp_path):
     r = cli(["metrics", a, a, "--json"])
     doc = json.loads(r.stdout)
     assert doc["psnr"] is None and doc["identical"] and doc["ssim"] == pytest.approx(1.0)
+    r = cli(["metrics", a, a])  # the table says what null means
+    assert r.exit_code == 0 and "psnr       inf (the volumes are identical)" in r.stdout, r.output
     b = _npy(tmp_path / "b.npy", np.zeros((2, 4, 5)))
     r = cli(["metrics", a, b])
-    assert r.exit_code == 3 and "shape" in r.stderr
+    assert r.exit_code == 3 and "shape" in r.stderr and "the same --slices A:B and --grid N" in r.stderr
 
 
 def test_a_4d_file_says_how_to_take_a_frame(cli, tmp_path):

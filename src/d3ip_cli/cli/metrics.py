@@ -49,6 +49,12 @@ def register(app: typer.Typer) -> None:
         r = align_reference(read_single_frame(reference, "REFERENCE"), x, slices=slices, grid=grid)
         if x.shape == r.shape:
             check_same_grid(x, r)
+        elif not (slices or grid):
+            from d3ip_cli.core.errors import InputDataError
+
+            raise InputDataError(f"reconstruction shape {list(x.shape)} differs from reference shape {list(r.shape)}: if "
+                                 "the reconstruction was cut or resampled (reconstruct --slices/--grid), give metrics "
+                                 "the same --slices A:B and --grid N")
         # the reference read as reconstruct reads its input (a CT in HU, or values that say so when
         # the reconstruction is CT, as a dcm2niix NIfTI's do), and clipped the same way
         modality = "CT" if x.modality == "CT" or x.meta.get("units") == "HU" else r.modality
@@ -66,4 +72,6 @@ def register(app: typer.Typer) -> None:
             return
         for key in ("psnr", "ssim", "nrmse", "z_rel_l2", "data_range"):
             val = doc.get(key)
+            if val is None and key == "psnr" and doc.get("identical"):
+                val = "inf (the volumes are identical)"  # JSON keeps null with identical: true
             typer.echo(f"{key:10s} {'n/a' if val is None else val}")
