@@ -121,12 +121,16 @@ def test_resume_refuses_foreign_checkpoint_and_missing_one(cli, prior, volume, t
 def _samples(cli, volume, prior, out, acceleration):
     r = cli(["reconstruct", volume, "--task", "cs-mri", "--acceleration", acceleration, "--coils", "1",
              "--prior", prior, "--steps", "4", "--adapt-iters", "1", "--samples", "4", "--gamma", "1e6",
-             "--device", "cpu", "-o", out, "--json"])
+             "--device", "cpu", "-o", out, "--json", "--report", out.with_suffix(".png")])
     assert r.exit_code == 0, r.output
+    from PIL import Image
+
+    # the report's rows: initial, reconstruction, reference, error and the posterior std (2.6 in. each, 90 dpi)
+    assert Image.open(out.with_suffix(".png")).size[1] == round(5 * 2.6 * 90)
     doc = json.loads(r.stdout)
     std_path = out.with_name(out.name.replace(".npy", "_std.npy"))
     assert doc["engine"]["samples"] == 4 and doc["uncertainty_output"] == str(std_path.resolve())
-    assert [o["role"] for o in doc["outputs"]] == ["output", "uncertainty"]
+    assert [o["role"] for o in doc["outputs"]] == ["output", "uncertainty", "report"]
     mean, std = np.load(out), np.load(std_path)
     assert mean.shape == std.shape == (2, 32, 32) and (std >= 0).all()
     return mean, std

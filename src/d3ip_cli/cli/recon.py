@@ -71,7 +71,7 @@ def register(app: typer.Typer) -> None:
         prior: Annotated[Optional[str], typer.Option("--prior", help="Prior weights (.safetensors).")] = None,
         preset: Annotated[Optional[str], typer.Option("--preset", help="fast (the default: 20 steps, for a CPU), standard (the paper's settings) or paper (standard with the reference's bias training, for a GPU).")] = None,
         reference: Annotated[Optional[Path], typer.Option("--reference", help="Reference volume for metrics.")] = None,
-        report: Annotated[Optional[Path], typer.Option("--report", help="Write a PNG of axial/coronal/sagittal views.")] = None,
+        report: Annotated[Optional[Path], typer.Option("--report", help="Write a PNG of axial/coronal/sagittal views: initial estimate, reconstruction, reference and error (with a reference), and the posterior std (--samples > 1).")] = None,
         json_out: JsonOpt = False,
         seed: SeedOpt = 0,
         device: DeviceOpt = "auto",

@@ -672,7 +672,8 @@ def report_stretch(shape: tuple[int, ...], spacing: tuple[float, float, float]) 
 
 def write_report(result: ReconResult, path: str | os.PathLike, *, overwrite: bool = True) -> Path:
     """A PNG with axial, coronal and sagittal central views of the initial estimate, the
-    reconstruction, the reference and the error (when there is a reference)."""
+    reconstruction, the reference and the error (when there is a reference), and the posterior
+    standard deviation (``--samples K > 1``; its own scale, from 0 to its 99.5th percentile)."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -690,8 +691,11 @@ def write_report(result: ReconResult, path: str | os.PathLike, *, overwrite: boo
     ref = result.problem.reference
     if ref is not None:
         rows += [("reference", shown(ref)), ("error", shown(result.volume.data - ref))]
+    if result.std is not None and result.std.data.shape == result.volume.data.shape:
+        rows.append(("posterior std", shown(result.std.data)))
     lo, hi = np.percentile(ref if ref is not None else result.volume.data, [0.5, 99.5])
     err_scale = max(float(hi - lo) * 0.25, 1e-6)
+    std_top = max(float(np.percentile(result.std.data, 99.5)), 1e-6) if result.std is not None else 1.0
     # through-plane views only when there is a through-plane extent; pixels drawn at their
     # physical aspect (slice spacing against in-plane spacing)
     sz, sh, sw = (float(np.linalg.norm(A[:3, k])) or 1.0 for k in range(3))
@@ -712,6 +716,8 @@ def write_report(result: ReconResult, path: str | os.PathLike, *, overwrite: boo
             aspect *= stretch[view]
             if label == "error":
                 ax.imshow(cut(vol), cmap="RdBu_r", vmin=-err_scale, vmax=err_scale, aspect=aspect)
+            elif label == "posterior std":
+                ax.imshow(cut(vol), cmap="magma", vmin=0, vmax=std_top, aspect=aspect)
             else:
                 ax.imshow(cut(vol), cmap="gray", vmin=lo, vmax=hi, aspect=aspect)
             ax.set_title(f"{label} ({view}" + (f", z ×{stretch[view]})" if stretch[view] > 1 else ")"), fontsize=8)
