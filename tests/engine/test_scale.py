@@ -75,6 +75,29 @@ def test_torchrun_two_ranks_share_adapter_and_match_one_process(prior, volume, t
 
 
 @pytest.mark.slow
+def test_torchrun_draws_samples_together_on_every_rank(prior, volume, tmp_path):
+    """--samples 2 under torchrun: each rank holds both chains of its shard under the one all-reduced
+    adapter; rank 0 gathers the mean and the standard deviation of the whole volume."""
+    import numpy as np
+    from safetensors.torch import load_file
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", D3IP_DUMP_ADAPTER=str(tmp_path / "adapter-rank{rank}.safetensors"))
+    torchrun = Path(sys.executable).parent / "torchrun"
+    two = subprocess.run([str(torchrun), "--nproc-per-node", "2", "--master-port", "29643", "-m", "d3ip_cli",
+                          *_recon_args(volume, prior, tmp_path / "two.npy"), "--method", "d3ip-mbir", "--samples", "2"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    doc = json.loads(two.stdout)
+    assert doc["engine"]["samples"] == 2 and doc["engine"]["world_size"] == 2
+    mean, std = np.load(tmp_path / "two.npy"), np.load(tmp_path / "two_std.npy")
+    assert mean.shape == std.shape == (4, 32, 32) and np.isfinite(mean).all() and (std >= 0).all()
+    assert (std.reshape(4, -1).max(1) > 0).all()  # every slice, on both ranks' shards, had two distinct chains
+    r0 = load_file(str(tmp_path / "adapter-rank0.safetensors"))
+    r1 = load_file(str(tmp_path / "adapter-rank1.safetensors"))
+    assert all(torch.equal(r0[k], r1[k]) for k in r0)
+
+
+@pytest.mark.slow
 def test_torchrun_sigterm_then_resume_matches_uninterrupted(prior, volume, tmp_path):
     """Both ranks agree on the stop, save the same step, exit 130; the resumed run is bitwise the uninterrupted one."""
     import signal
