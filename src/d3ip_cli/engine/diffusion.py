@@ -815,6 +815,9 @@ def run_registered(name: str, op: LinearOperator, y: torch.Tensor, x_init: torch
             raise InputDataError(f"{opt} {given[key]} contradicts --adapter {ctx.params['adapter']}, which has "
                                  f"{key.replace('_', ' ')} {shape[key]} (a reused adapter brings its own; leave {opt} out)")
     s = settings_for(name, ctx.preset or "fast", modality, ctx.task, **{**shape, **given})
+    if overrides.get("mbir_start") == "fit" and s.fit != "noise":
+        raise UsageError(f"--mbir-start fit starts the ADMM step from the fit down to the noise: it needs --fit noise "
+                         f"(here --fit {s.fit}{'' if overrides.get('fit') else ', the ' + (ctx.preset or 'fast') + ' preset'})")
     s.precision = resolve_precision(s.precision, dev)  # the record and the checkpoint key name what ran
     rank, world_size = dist.world()
     z, h, w = op.in_shape
@@ -833,9 +836,6 @@ def run_registered(name: str, op: LinearOperator, y: torch.Tensor, x_init: torch
                             f"--task {ctx.task}")
     from d3ip_cli.physics.noise import noise_level
 
-    if overrides.get("mbir_start") == "fit" and s.fit != "noise":
-        raise UsageError(f"--mbir-start fit starts the ADMM step from the fit down to the noise: it needs --fit noise "
-                         f"(here --fit {s.fit}{'' if overrides.get('fit') else ', the ' + (ctx.preset or 'fast') + ' preset'})")
     level = noise_level(y, ctx.noise, getattr(op, "mask", None) if modality == "MR" else None)
     fits = fits_noise(s, level)
     if ctx.record is not None and rank == 0:  # known before the run: said before it (the CLI prints each as recorded)

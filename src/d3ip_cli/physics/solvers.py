@@ -29,15 +29,11 @@ from d3ip_cli.physics.base import LinearOperator
 Progress = Callable[[int, int, dict], None]
 
 
-def _dot(a: torch.Tensor, b: torch.Tensor, per_slice: bool | int) -> torch.Tensor:
-    """``<a, b>`` (real part): one scalar, one per slice of axis 0 (``per_slice=True``), or one per each of
-    ``per_slice = n`` equal blocks of axis 0 (an integer > 1)."""
+def _dot(a: torch.Tensor, b: torch.Tensor, blocks: int) -> torch.Tensor:
+    """``<a, b>`` (real part): one scalar (``blocks = 0``), or one for each of ``blocks`` equal blocks of
+    axis 0 (``blocks = Z``: one per slice)."""
     p = (a.conj() * b).real if (a.is_complex() or b.is_complex()) else a * b
-    if per_slice is True:
-        return p.reshape(p.shape[0], -1).sum(dim=1)
-    if per_slice is not False and per_slice > 1:
-        return p.reshape(int(per_slice), -1).sum(dim=1)
-    return p.sum()
+    return p.reshape(blocks, -1).sum(dim=1) if blocks else p.sum()
 
 
 def _bc(a: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -74,17 +70,16 @@ def cg(normal: Callable[[torch.Tensor], torch.Tensor], rhs: torch.Tensor, x0: to
         ``x`` with ``x.shape == rhs.shape``; differentiable w.r.t. ``rhs``, ``x0`` and
         whatever ``normal`` depends on.
     """
-    if not per_slice and groups > 1:
-        per_slice = int(groups)  # one step size per block (see _dot)
+    blocks = rhs.shape[0] if per_slice else (groups if groups > 1 else 0)  # step sizes: one, per slice, per block
     x = torch.zeros_like(rhs) if x0 is None else x0
     r = rhs - normal(x) if x0 is not None else rhs
     p = r
-    rs = _dot(r, r, per_slice)
+    rs = _dot(r, r, blocks)
     stop = (tol * torch.linalg.vector_norm(rhs)) ** 2 if tol > 0 else None
     # Converged to rounding level: freeze (a singular N, e.g. a Cartesian MRI projection, fits in one
     # step; iterating on the rounding noise left in r would divide noise by noise and blow x up).
     eps = torch.finfo(rs.dtype).eps
-    floor = _dot(rhs, rhs, per_slice).detach() * (16 * eps) ** 2
+    floor = _dot(rhs, rhs, blocks).detach() * (16 * eps) ** 2
     for _ in range(int(n_iter)):
         if stop is not None and float(rs.max()) <= float(stop):
             break
@@ -92,10 +87,10 @@ def cg(normal: Callable[[torch.Tensor], torch.Tensor], rhs: torch.Tensor, x0: to
         if not bool(active.any()):
             break
         ap = normal(p)
-        alpha = torch.where(active, _div(rs, _dot(p, ap, per_slice)), torch.zeros_like(rs))
+        alpha = torch.where(active, _div(rs, _dot(p, ap, blocks)), torch.zeros_like(rs))
         x = x + _bc(alpha, p) * p
         r = r - _bc(alpha, ap) * ap
-        rs_new = _dot(r, r, per_slice)
+        rs_new = _dot(r, r, blocks)
         p = r + _bc(torch.where(active, _div(rs_new, rs), torch.zeros_like(rs)), p) * p
         rs = rs_new
     return x
@@ -151,14 +146,15 @@ def cgls(op: LinearOperator, y: torch.Tensor, x0: torch.Tensor | None = None, n_
     """
     x, r, s = _cgls_start(op, y, x0)
     p = s
-    gamma = _dot(s, s, per_slice)
+    blocks = y.shape[0] if per_slice else 0
+    gamma = _dot(s, s, blocks)
     for k in range(int(n_iter)):
         q = op.A(p)
-        alpha = _div(gamma, _dot(q, q, per_slice))
+        alpha = _div(gamma, _dot(q, q, blocks))
         x = x + _bc(alpha, p) * p
         r = r - _bc(alpha, q) * q
         s = op.A_adjoint(r)
-        gamma_new = _dot(s, s, per_slice)
+        gamma_new = _dot(s, s, blocks)
         p = s + _bc(_div(gamma_new, gamma), p) * p
         gamma = gamma_new
         if progress is not None:
@@ -187,21 +183,22 @@ def cgls_discrepancy(op: LinearOperator, y: torch.Tensor, x0: torch.Tensor, targ
     """
     x, r, s = _cgls_start(op, y, x0)
     p = s
-    gamma = _dot(s, s, True)
-    rr = _dot(r, r, True)
+    z = y.shape[0]
+    gamma = _dot(s, s, z)
+    rr = _dot(r, r, z)
     target = target.to(rr.dtype).reshape(rr.shape)
     aty = op.A_adjoint(y)
-    floor = _dot(aty, aty, True) * (16 * torch.finfo(gamma.dtype).eps) ** 2
+    floor = _dot(aty, aty, z) * (16 * torch.finfo(gamma.dtype).eps) ** 2
     active = (rr > target) & (gamma > floor)
     for _ in range(int(n_iter)):
         if not bool(active.any()):
             break
         q = op.A(p)
-        qq = _dot(q, q, True)
+        qq = _dot(q, q, z)
         alpha = _div(gamma, qq)
         # ||r - a q||^2 = rr - 2 a c + a^2 qq with c = <r, q> (= gamma in exact arithmetic); land on
         # the target if this step crosses it
-        c = _dot(r, q, True)
+        c = _dot(r, q, z)
         after = rr - 2 * alpha * c + alpha * alpha * qq
         crosses = after < target
         disc = (c * c - qq * (rr - target)).clamp_min(0)
@@ -210,9 +207,9 @@ def cgls_discrepancy(op: LinearOperator, y: torch.Tensor, x0: torch.Tensor, targ
         alpha = torch.where(active, alpha, torch.zeros_like(alpha))
         x = x + _bc(alpha, p) * p
         r = r - _bc(alpha, q) * q
-        rr = _dot(r, r, True)
+        rr = _dot(r, r, z)
         s = op.A_adjoint(r)
-        gamma_new = _dot(s, s, True)
+        gamma_new = _dot(s, s, z)
         active = active & ~crosses & (gamma_new > floor)
         p = s + _bc(_div(gamma_new, gamma), p) * p
         gamma = gamma_new
